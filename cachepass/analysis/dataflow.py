@@ -1,0 +1,93 @@
+"""Dataflow questions on an FX graph, answered with networkx: ancestry, convexity, mutation."""
+
+from __future__ import annotations
+
+import operator
+from typing import Iterable
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+# Ops whose result aliases their first argument: a mutation through the result mutates the argument.
+_VIEW_METHODS = {
+    "view", "view_as", "reshape", "flatten", "unflatten", "transpose", "permute", "squeeze", "unsqueeze",
+    "expand", "expand_as", "narrow", "select", "split", "chunk", "unbind", "as_strided", "t", "T",
+    "contiguous", "detach", "type_as", "to", "float", "half", "bfloat16", "movedim",
+}
+_VIEW_FUNCTIONS = {operator.getitem, torch.reshape, torch.flatten, torch.transpose, torch.permute,
+                   torch.squeeze, torch.unsqueeze, torch.narrow, torch.select, torch.split, torch.chunk,
+                   torch.unbind, torch.movedim, torch.detach}
+_INPLACE_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def to_networkx(graph: fx.Graph) -> nx.DiGraph:
+    """Edges go from a value to each of its users."""
+    g = nx.DiGraph()
+    for node in graph.nodes:
+        g.add_node(node)
+        for user in node.users:
+            g.add_edge(node, user)
+    return g
+
+
+def ancestors_within(g: nx.DiGraph, targets: Iterable[fx.Node], region: set[fx.Node]) -> set[fx.Node]:
+    """``targets`` and their ancestors, restricted to ``region``."""
+    out: set[fx.Node] = set()
+    stack = [t for t in targets if t in region]
+    while stack:
+        n = stack.pop()
+        if n in out:
+            continue
+        out.add(n)
+        stack.extend(p for p in g.predecessors(n) if p in region and p not in out)
+    return out
+
+
+def is_convex(g: nx.DiGraph, region: set[fx.Node]) -> bool:
+    """No path leaves ``region`` and comes back into it."""
+    exits = {s for n in region for s in g.successors(n) if s not in region}
+    seen: set[fx.Node] = set()
+    stack = list(exits)
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        if n in region:
+            return False
+        seen.add(n)
+        stack.extend(g.successors(n))
+    return True
+
+
+def is_inplace(node: fx.Node) -> bool:
+    if node.op == "call_function":
+        if node.target in _INPLACE_FUNCTIONS:
+            return True
+        name = getattr(node.target, "__name__", "")
+        return name.endswith("_") and not name.startswith("_")
+    if node.op == "call_method":
+        name = str(node.target)
+        return name.endswith("_") and not name.startswith("_")
+    return False
+
+
+def alias_root(node: fx.Node) -> fx.Node:
+    """Follow view-like ops back to the value whose storage ``node`` shares."""
+    while True:
+        is_view = (node.op == "call_method" and node.target in _VIEW_METHODS) or (
+            node.op == "call_function" and node.target in _VIEW_FUNCTIONS
+        )
+        if not is_view or not node.args or not isinstance(node.args[0], fx.Node):
+            return node
+        node = node.args[0]
+
+
+def mutations_escaping(region: set[fx.Node]) -> list[fx.Node]:
+    """In-place nodes in ``region`` that write into a tensor created outside it."""
+    bad = []
+    for node in region:
+        if is_inplace(node) and node.args and isinstance(node.args[0], fx.Node):
+            if alias_root(node.args[0]) not in region:
+                bad.append(node)
+    return bad

@@ -1,0 +1,119 @@
+"""``cachepass.explain(model, *args, **kwargs)``: what the pass finds in a model, in words.
+
+It traces the model once with Dynamo under ``torch.no_grad()`` and an analysis-only backend (the model
+runs eagerly; nothing is cached or compiled by inductor) and reports, per captured graph: the blocks,
+the residual stream, the timestep input, the indicators, the head/body/tail sizes, and why caching
+would be off if it would be.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .analysis.module_paths import qualified_name
+from .analysis.structure import analyse
+from .analysis.values import example_value, is_user_input, source_name
+from .backend import find_root_module
+from .errors import UnsupportedStructure
+from .options import parse_options
+from .transform.partition import partition
+
+
+@dataclass
+class GraphReport:
+    caching: bool
+    reason: str | None = None
+    stacks: list[tuple[str, str, int]] = field(default_factory=list)  # (parent list, class, count)
+    blocks: list[str] = field(default_factory=list)
+    stream: list[tuple[str, list[str], str]] = field(default_factory=list)  # (name, shape, dtype)
+    side_inputs: list[str] = field(default_factory=list)
+    timestep_input: str | None = None
+    indicators: dict[str, str] = field(default_factory=dict)
+    indicator_used: str | None = None
+    node_counts: dict[str, int] = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        if not self.stacks:
+            return [f"caching off: {self.reason}"]
+        out = []
+        for parent, cls, count in self.stacks:
+            out.append(f"block stack: {count} x {cls} in {parent!r}")
+        out.append(f"  blocks: {self.blocks[0]} .. {self.blocks[-1]}")
+        for name, shape, dtype in self.stream:
+            out.append(f"residual stream: {name} {shape} {dtype}")
+        out.append(f"side inputs of the blocks: {', '.join(self.side_inputs) or 'none'}")
+        out.append(f"timestep input: {self.timestep_input or 'not found (each call counts as a step)'}")
+        for key, node in self.indicators.items():
+            mark = "  <- used by the policy" if key == self.indicator_used else ""
+            out.append(f"indicator {key}: {node}{mark}")
+        out.append("nodes: " + ", ".join(f"{k} {v}" for k, v in self.node_counts.items()))
+        out.append("caching: on" if self.caching else f"caching off: {self.reason}")
+        return out
+
+
+@dataclass
+class Report:
+    policy: str
+    graphs: list[GraphReport]
+
+    @property
+    def caching(self) -> bool:
+        return any(g.caching for g in self.graphs)
+
+    def __str__(self) -> str:
+        out = [f"cachepass.explain (policy {self.policy!r}): {len(self.graphs)} graph(s)"]
+        for i, graph in enumerate(self.graphs):
+            out.append(f"graph {i}:")
+            out.extend("  " + line for line in graph.lines())
+        return "\n".join(out)
+
+
+def _describe(gm, policy) -> GraphReport:
+    root = find_root_module(gm)
+    try:
+        structure = analyse(gm, root)
+    except UnsupportedStructure as exc:
+        return GraphReport(caching=False, reason=str(exc))
+    report = GraphReport(caching=True)
+    report.stacks = [(s.parent, s.class_name, len(s.blocks)) for s in structure.stacks]
+    report.blocks = [b.module.qualified_name for b in structure.blocks]
+    for s in structure.stream:
+        value = example_value(s.output)
+        report.stream.append((s.input.name, [str(d) for d in value.shape], str(value.dtype).replace("torch.", "")))
+    report.side_inputs = [
+        n.name for n in structure.side_inputs
+        if n.op != "placeholder" or is_user_input(n)
+    ]
+    if structure.timestep_input is not None:
+        report.timestep_input = qualified_name(source_name(structure.timestep_input)) or structure.timestep_input.name
+    report.indicators = {k: v.name for k, v in structure.indicators.items()}
+    requirements = policy.requirements()
+    report.indicator_used = requirements.indicator
+    try:
+        part = partition(structure, requirements)
+        report.node_counts = {"head": len(part.head), "body": len(structure.body - part.head),
+                              "tail": len(structure.tail)}
+    except UnsupportedStructure as exc:
+        report.caching, report.reason = False, str(exc)
+        report.node_counts = {"head": len(structure.head), "body": len(structure.body), "tail": len(structure.tail)}
+    return report
+
+
+def explain(model, *args: Any, policy: str = "none", **kwargs: Any) -> Report:
+    """Trace ``model(*args, **kwargs)`` and report what cachepass would do with ``policy``."""
+    settings = parse_options({"policy": policy, "inner": "eager"})
+    module = getattr(model, "_orig_mod", model)
+    graphs: list[GraphReport] = []
+
+    def recorder(gm, example_inputs):
+        graphs.append(_describe(gm, settings.policy))
+        return gm.forward
+
+    with torch.no_grad():
+        torch.compile(module, backend=recorder)(*args, **kwargs)
+    if not graphs:
+        graphs.append(GraphReport(caching=False, reason="Dynamo captured no graph"))
+    return Report(policy, graphs)

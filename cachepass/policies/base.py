@@ -1,0 +1,109 @@
+"""The policy interface: what a policy declares at compile time and decides at run time.
+
+A policy is split in two so that the compiler pass never needs to know the algorithm:
+
+* at compile time it states its :class:`Requirements`: which indicator tensor the head graph must
+  produce before the decision (none, the timestep embedding, the first block's modulated input or the
+  first block's output) and how a skipped call is rebuilt (a :class:`~cachepass.reconstruction.Reconstruction`);
+* at run time, per call, :meth:`Policy.decide` sees a :class:`CallContext` (generation, step, stream,
+  number of steps when known) and the indicator tensor, and returns ``True`` to compute the block stack
+  or ``False`` to reuse the cache. A policy keeps all its mutable data in the state object it created
+  with :meth:`Policy.new_state`; the runtime keeps one such state per stream and makes a new one at
+  every generation, so policies never reset themselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import OptionError
+from ..reconstruction import Reconstruction, ResidualReuse
+
+#: Indicators the analysis can provide (see ``cachepass.analysis.indicators``).
+INDICATORS = ("timestep_embedding", "modulated_input", "first_block_output")
+
+
+@dataclass(frozen=True)
+class Requirements:
+    """What the compiled program must provide to a policy."""
+
+    indicator: str | None = None
+    reconstruction: Reconstruction = dataclasses.field(default_factory=ResidualReuse)
+
+
+@dataclass(frozen=True)
+class CallContext:
+    """Where one denoiser call sits in the sampling loop, as the step tracker inferred it."""
+
+    generation: int
+    step: int
+    stream: int
+    num_steps: int | None
+    timestep: float | None
+
+    @property
+    def is_last_step(self) -> bool:
+        return self.num_steps is not None and self.step >= self.num_steps - 1
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Base of every policy's options. Subclasses add fields and check them in ``validate``."""
+
+    def validate(self) -> None:  # pragma: no cover - trivial default
+        """Raise :class:`OptionError` naming the option and what is allowed."""
+
+
+class Policy(ABC):
+    """A cache-reuse algorithm, independent of any model."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[PolicyConfig]]
+
+    def __init__(self, config: PolicyConfig) -> None:
+        self.config = config
+
+    @abstractmethod
+    def requirements(self) -> Requirements:
+        """Declared once, at compile time."""
+
+    def new_state(self) -> Any:
+        """Fresh per-stream state for a new generation."""
+        return None
+
+    @abstractmethod
+    def decide(self, state: Any, ctx: CallContext, indicator: torch.Tensor | None) -> bool:
+        """``True``: compute the blocks this call; ``False``: rebuild them from the cache."""
+
+
+# --- option checking helpers shared by every policy config -------------------------------------
+
+def check_int(name: str, value: Any, *, minimum: int | None = None, maximum: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise OptionError(f"option {name!r} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise OptionError(f"option {name!r} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise OptionError(f"option {name!r} must be <= {maximum}, got {value}")
+
+
+def check_float(name: str, value: Any, *, minimum: float | None = None, strict: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise OptionError(f"option {name!r} must be a number, got {value!r}")
+    if minimum is not None and (value <= minimum if strict else value < minimum):
+        raise OptionError(f"option {name!r} must be {'>' if strict else '>='} {minimum}, got {value}")
+
+
+def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
+    if value not in choices:
+        raise OptionError(f"option {name!r} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise OptionError(f"option {name!r} must be True or False, got {value!r}")

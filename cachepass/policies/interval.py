@@ -1,0 +1,35 @@
+"""``interval``: compute every N-th step of each stream and reuse the last residual in between.
+
+The simplest schedule that exercises both compiled variants; also a baseline that adaptive policies
+must beat. Steps ``0, N, 2N, ...`` are computed; with ``num_steps`` known, the last step is too
+(``compute_last``), since the final step sets the output's fine detail.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import Policy, PolicyConfig, Requirements, check_bool, check_int
+
+
+@dataclass(frozen=True)
+class IntervalConfig(PolicyConfig):
+    interval: int = 3
+    compute_last: bool = True
+
+    def validate(self) -> None:
+        check_int("interval", self.interval, minimum=1)
+        check_bool("compute_last", self.compute_last)
+
+
+class IntervalPolicy(Policy):
+    name = "interval"
+    config_class = IntervalConfig
+
+    def requirements(self) -> Requirements:
+        return Requirements(indicator=None)
+
+    def decide(self, state, ctx, indicator) -> bool:
+        if self.config.compute_last and ctx.is_last_step:
+            return True
+        return ctx.step % self.config.interval == 0

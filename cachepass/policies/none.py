@@ -1,0 +1,23 @@
+"""``none``: always compute. The control policy: the cached program must equal the plain compile."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import Policy, PolicyConfig, Requirements
+
+
+@dataclass(frozen=True)
+class NoneConfig(PolicyConfig):
+    pass
+
+
+class NonePolicy(Policy):
+    name = "none"
+    config_class = NoneConfig
+
+    def requirements(self) -> Requirements:
+        return Requirements(indicator=None)
+
+    def decide(self, state, ctx, indicator) -> bool:
+        return True

@@ -1,0 +1,40 @@
+"""Compile each graph piece with the ``inner`` compiler.
+
+Every result is called as ``fn(*args)``, the convention Dynamo uses for what a backend returns (the
+``_boxed_call`` flag that ``functools.wraps`` copies onto inductor's outer wrapper does not apply to it).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch.fx as fx
+
+from .._logging import get_logger
+
+log = get_logger(__name__)
+
+
+def compile_piece(gm: fx.GraphModule, example_inputs: Sequence, inner) -> Callable:
+    """``inner``: ``"eager"`` (run the FX code), ``"inductor"``, another registered backend name, or a
+    backend callable ``(gm, example_inputs) -> callable``."""
+    if inner == "eager":
+        return gm.forward
+    if inner == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, list(example_inputs))
+    if isinstance(inner, str):
+        from torch._dynamo.backends.registry import lookup_backend
+
+        inner = lookup_backend(inner)
+    return inner(gm, list(example_inputs))
+
+
+def example_inputs_for(piece: fx.GraphModule, graph_inputs: Sequence) -> list:
+    """Example inputs of a piece: Dynamo's for the original inputs, node metadata for the rest."""
+    phs = [n for n in piece.graph.nodes if n.op == "placeholder"]
+    examples = list(graph_inputs)
+    for ph in phs[len(examples):]:
+        examples.append(ph.meta.get("example_value", ph.meta.get("val")))
+    return examples

@@ -1,0 +1,120 @@
+"""Pass ``build_variants``: write the head graph and the compute / reuse graph variants.
+
+All three take the original graph inputs first (same order as Dynamo's), then the exported head
+values; the reuse variant then takes the cache-read placeholders its reconstruction declares.
+
+* head:    original inputs -> (indicator?, *exported)
+* compute: ... -> (*original outputs, *residuals)   the residuals ``out - in`` are the cache writes
+* reuse:   ... , *cache -> (*original outputs)      body outputs rebuilt by the reconstruction nodes
+
+Invariant: both variants return the original outputs in the original order; the compute variant's
+extra outputs are exactly one residual per residual-stream tensor, in stream order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from ..analysis.structure import DenoiserStructure
+from ..policies.base import Requirements
+from .partition import Partition
+
+
+@dataclass
+class GraphVariants:
+    head: fx.GraphModule
+    compute: fx.GraphModule
+    reuse: fx.GraphModule
+    has_indicator: bool
+    num_exported: int
+    num_outputs: int
+    num_cache_inputs: int
+
+
+def _placeholders(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def _start(gm: fx.GraphModule, exported: list[fx.Node]) -> tuple[fx.Graph, dict]:
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for ph in _placeholders(gm):
+        env[ph] = graph.node_copy(ph)
+    for node in exported:
+        ph = graph.placeholder(f"head_{node.name}")
+        ph.meta = dict(node.meta)
+        env[node] = ph
+    return graph, env
+
+
+def _copy(graph: fx.Graph, env: dict, nodes) -> None:
+    for node in nodes:
+        env[node] = graph.node_copy(node, lambda n: env[n])
+
+
+def _original_outputs(gm: fx.GraphModule) -> tuple:
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    value = out.args[0]
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
+def _finish(gm: fx.GraphModule, graph: fx.Graph, outputs: tuple) -> fx.GraphModule:
+    graph.output(outputs)
+    graph.lint()
+    piece = fx.GraphModule(gm, graph)
+    piece.meta.update(gm.meta)
+    return piece
+
+
+def build_variants(
+    gm: fx.GraphModule, structure: DenoiserStructure, part: Partition, requirements: Requirements
+) -> GraphVariants:
+    nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    original = _original_outputs(gm)
+
+    # head
+    graph = fx.Graph()
+    env = {ph: graph.node_copy(ph) for ph in _placeholders(gm)}
+    _copy(graph, env, [n for n in nodes if n in part.head])
+    head_out = ([env[part.indicator]] if part.indicator is not None else []) + [env[n] for n in part.exported]
+    head = _finish(gm, graph, tuple(head_out))
+
+    # compute: the rest of the body and the tail, plus one residual per stream tensor (cache writes)
+    graph, env = _start(gm, part.exported)
+    _copy(graph, env, [n for n in nodes if n in part.rest])
+    residuals = []
+    for s in structure.stream:
+        r = graph.call_function(torch.sub, (env[s.output], env[s.input]))
+        r.meta["example_value"] = s.output.meta.get("example_value")
+        residuals.append(r)
+    outputs = tuple(fx.map_arg(original, lambda n: env[n]))
+    compute = _finish(gm, graph, outputs + tuple(residuals))
+
+    # reuse: cache reads and reconstruction instead of the body, then the tail
+    graph, env = _start(gm, part.exported)
+    first_cache_slot = len(graph.nodes)
+
+    def add_placeholder(name, example):
+        anchor = next((n for n in graph.nodes if n.op != "placeholder"), None)
+        if anchor is None:
+            ph = graph.placeholder(name)
+        else:
+            with graph.inserting_before(anchor):
+                ph = graph.placeholder(name)
+        ph.meta["example_value"] = example
+        return ph
+
+    rebuilt = requirements.reconstruction.build(graph, [env[s.input] for s in structure.stream], add_placeholder)
+    for s, node in zip(structure.stream, rebuilt):
+        env[s.output] = node
+    num_cache = len([n for n in graph.nodes if n.op == "placeholder"]) - first_cache_slot
+    _copy(graph, env, [n for n in nodes if n in part.tail])
+    reuse = _finish(gm, graph, tuple(fx.map_arg(original, lambda n: env[n])))
+
+    return GraphVariants(
+        head=head, compute=compute, reuse=reuse, has_indicator=part.indicator is not None,
+        num_exported=len(part.exported), num_outputs=len(original), num_cache_inputs=num_cache,
+    )
