@@ -101,10 +101,10 @@ def compile_with_settings(gm: fx.GraphModule, example_inputs: Sequence, settings
     runtime.programs.append(state)
     program = CachedProgram(
         pieces["head"], pieces["compute"], pieces["reuse"], state=state,
-        has_indicator=variants.has_indicator, num_outputs=variants.num_outputs, timestep_index=timestep_index,
+        has_indicator=variants.has_indicator, num_outputs=variants.num_outputs,
+        num_residuals=variants.num_residuals, timestep_index=timestep_index,
     )
     program.on_call = lambda s: setattr(runtime, "last_active", s)
-    program.structure_summary = (len(structure.blocks), len(structure.stream))
     log.info(
         "cachepass: policy %r on %d blocks (%s), %d residual-stream tensor(s); head %d / body %d / tail %d nodes",
         settings.policy_name, len(structure.blocks), ", ".join(s.parent for s in structure.stacks),

@@ -94,8 +94,7 @@ def _describe(gm, policy) -> GraphReport:
     report.indicator_used = requirements.indicator
     try:
         part = partition(structure, requirements)
-        report.node_counts = {"head": len(part.head), "body": len(structure.body - part.head),
-                              "tail": len(structure.tail)}
+        report.node_counts = {"head": len(part.head), "cached": len(part.cached), "after": len(part.after)}
     except UnsupportedStructure as exc:
         report.caching, report.reason = False, str(exc)
         report.node_counts = {"head": len(structure.head), "body": len(structure.body), "tail": len(structure.tail)}

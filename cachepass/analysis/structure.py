@@ -55,6 +55,27 @@ class DenoiserStructure:
     def order(self) -> dict[fx.Node, int]:
         return {n: i for i, n in enumerate(self.gm.graph.nodes)}
 
+    def boundary_position(self, k: int) -> int:
+        """Graph-order position where block ``k`` starts (``len(blocks)``: just after the body)."""
+        order = self.order
+        if k < len(self.blocks):
+            return min(order[n] for n in self.blocks[k].nodes)
+        return max(order[n] for n in self.body) + 1
+
+    def boundary_values(self, k: int) -> list[fx.Node]:
+        """The values crossing the boundary before block ``k``: the stream at that point.
+
+        Boundary 0 is the body's stream inputs; ``len(blocks)`` its stream outputs; in between, every
+        body value made before block ``k`` and read from block ``k`` on.
+        """
+        if k == 0:
+            return [s.input for s in self.stream]
+        if k == len(self.blocks):
+            return [s.output for s in self.stream]
+        order, pos = self.order, self.boundary_position(k)
+        crossing = [n for n in self.body if order[n] < pos and any(order[u] >= pos for u in n.users)]
+        return sorted(crossing, key=order.__getitem__)
+
 
 def split_regions(gm: fx.GraphModule, stacks: list[BlockStack]) -> tuple[set, set, set]:
     """Head: before the first block; tail: after the last; body: the range between them.

@@ -30,10 +30,21 @@ INDICATORS = ("timestep_embedding", "modulated_input", "first_block_output")
 
 @dataclass(frozen=True)
 class Requirements:
-    """What the compiled program must provide to a policy."""
+    """What the compiled program must provide to a policy.
+
+    * ``indicator``: computed by the head graph before every decision (see ``INDICATORS``).
+    * ``compute_first`` / ``compute_last``: blocks computed on every call before / after the cached
+      span (First-Block-Cache: 1/0; DBCache: Fn/Bn). The residual cached is the span's.
+    * ``observe``: body tensors the compute variant also returns, handed to ``after_compute``
+      (names from ``cachepass.analysis.features``, e.g. ``attention_output:middle``).
+    * ``reconstruction``: how a reuse call rebuilds the span's outputs.
+    """
 
     indicator: str | None = None
     reconstruction: Reconstruction = dataclasses.field(default_factory=ResidualReuse)
+    compute_first: int = 0
+    compute_last: int = 0
+    observe: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -79,6 +90,9 @@ class Policy(ABC):
     @abstractmethod
     def decide(self, state: Any, ctx: CallContext, indicator: torch.Tensor | None) -> bool:
         """``True``: compute the blocks this call; ``False``: rebuild them from the cache."""
+
+    def after_compute(self, state: Any, ctx: CallContext, observed: list[torch.Tensor]) -> None:
+        """Called after each compute call with the tensors named in ``Requirements.observe``."""
 
 
 # --- option checking helpers shared by every policy config -------------------------------------

@@ -42,6 +42,7 @@ class CachedProgram:
         state: ProgramState,
         has_indicator: bool,
         num_outputs: int,
+        num_residuals: int,
         timestep_index: int | None,
     ) -> None:
         self.head = head
@@ -50,6 +51,7 @@ class CachedProgram:
         self.state = state
         self.has_indicator = has_indicator
         self.num_outputs = num_outputs
+        self.num_residuals = num_residuals
         self.timestep_index = timestep_index
         self.on_call: Callable[[ProgramState], None] | None = None
 
@@ -72,7 +74,10 @@ class CachedProgram:
             self.on_call(state)
         if compute:
             out = self.compute(*args, *exported)
-            stream.cache.write(out[self.num_outputs:], pos.step)
+            n, r = self.num_outputs, self.num_residuals
+            stream.cache.write(out[n:n + r], pos.step)
+            if len(out) > n + r:
+                state.policy.after_compute(stream.policy_state, ctx, list(out[n + r:]))
             stream.computed.append(pos.step)
             state.computed_calls += 1
             return tuple(out[: self.num_outputs])

@@ -1,14 +1,19 @@
 """Pass ``partition``: decide which nodes run before the cache decision and which after.
 
 Reads a :class:`DenoiserStructure` and a policy's :class:`Requirements`; writes a :class:`Partition`.
+The blocks are cut into three spans at block boundaries ``a = compute_first`` and
+``b = len(blocks) - compute_last``:
 
-* ``head``: everything before the body, plus the body nodes the requested indicator depends on
-  (for ``modulated_input`` a few nodes of block 0; for ``first_block_output`` all of block 0);
-* ``rest``: the remaining body nodes and the tail: what a compute call runs after the decision;
-* ``tail``: what a reuse call runs after rebuilding the body outputs from the cache.
+* ``head``: everything before the body, blocks ``[0, a)``, and the body nodes the requested indicator
+  depends on (``modulated_input``: a few nodes of block 0): what runs before every decision;
+* ``cached``: blocks ``[a, b)`` less what the head took: what a reuse call skips;
+* ``after``: blocks ``[b, N)`` and the tail: what every call runs after the decision.
 
-Invariant: ``head`` is closed under ancestors (it never needs a node of ``rest``), so the head graph
-can run alone and its outputs feed both variants.
+The cache holds, per stream value crossing boundary ``b``, the residual against its partner value at
+boundary ``a`` (same shape and dtype, an ancestor).
+
+Invariants: ``head`` is closed under ancestors, so the head graph runs alone; the ``after`` nodes read
+only boundary-``b`` values, head values and graph inputs, so a reuse call can run them.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from dataclasses import dataclass
 import torch.fx as fx
 
 from ..analysis.dataflow import ancestors_within
+from ..analysis.features import resolve_feature
 from ..analysis.structure import DenoiserStructure
+from ..analysis.values import tensor_signature
 from ..errors import UnsupportedStructure
 from ..policies.base import Requirements
 
@@ -26,17 +33,52 @@ from ..policies.base import Requirements
 @dataclass
 class Partition:
     head: set[fx.Node]
-    rest: set[fx.Node]
-    tail: set[fx.Node]
+    cached: set[fx.Node]
+    after: set[fx.Node]
     indicator: fx.Node | None
+    pairs: list[tuple[fx.Node, fx.Node]]  # (value at boundary a, value at boundary b)
+    observed: list[fx.Node]
     exported: list[fx.Node]  # head values the variants read, in graph order
+
+    @property
+    def rest(self) -> set[fx.Node]:
+        return self.cached | self.after
+
+
+def _pair(structure: DenoiserStructure, starts: list[fx.Node], ends: list[fx.Node]) -> list[tuple]:
+    pairs, taken = [], set()
+    for end in ends:
+        ancestors = ancestors_within(structure.dataflow, [end], set(structure.dataflow.nodes))
+        match = next((s for s in starts if s not in taken and s in ancestors
+                      and tensor_signature(s) == tensor_signature(end)), None)
+        if match is None:
+            raise UnsupportedStructure(
+                f"the value {end.name!r} leaving the cached blocks has no partner of the same shape "
+                "entering them, so no residual can be cached for it"
+            )
+        taken.add(match)
+        pairs.append((match, end))
+    return pairs
 
 
 def partition(structure: DenoiserStructure, requirements: Requirements) -> Partition:
+    n = len(structure.blocks)
+    a, b = requirements.compute_first, n - requirements.compute_last
+    if not 0 <= a < b <= n:
+        raise UnsupportedStructure(
+            f"the policy computes {requirements.compute_first} first and {requirements.compute_last} last "
+            f"blocks always, which leaves nothing to cache in a stack of {n}"
+        )
+    order = structure.order
+    pos_a, pos_b = structure.boundary_position(a), structure.boundary_position(b)
+    head = set(structure.head) | {x for x in structure.body if order[x] < pos_a}
+
     indicator = None
-    head = set(structure.head)
     if requirements.indicator is not None:
-        indicator = structure.indicators.get(requirements.indicator)
+        if requirements.indicator == "first_block_output" and a > 0:
+            indicator = structure.boundary_values(a)[0]
+        else:
+            indicator = structure.indicators.get(requirements.indicator)
         if indicator is None:
             found = ", ".join(sorted(structure.indicators)) or "none"
             raise UnsupportedStructure(
@@ -44,11 +86,17 @@ def partition(structure: DenoiserStructure, requirements: Requirements) -> Parti
                 f"provide (found: {found})"
             )
         head |= ancestors_within(structure.dataflow, [indicator], structure.body)
-    rest = (structure.body | structure.tail) - head
-    order = structure.order
-    stream_inputs = {s.input for s in structure.stream if s.input.op != "placeholder"}
+
+    cached = {x for x in structure.body if pos_a <= order[x] < pos_b} - head
+    after = ({x for x in structure.body if order[x] >= pos_b} | set(structure.tail)) - head
+    pairs = _pair(structure, structure.boundary_values(a), structure.boundary_values(b))
+    observed = [resolve_feature(structure, name) for name in requirements.observe]
+
+    needed_by_variants = {s for s, _ in pairs} | set(observed)
     exported = sorted(
-        {n for n in head if any(u not in head for u in n.users)} | stream_inputs,
+        {x for x in head if any(u not in head for u in x.users)}
+        | {x for x in needed_by_variants if x in head},
         key=order.__getitem__,
     )
-    return Partition(head=head, rest=rest, tail=set(structure.tail), indicator=indicator, exported=exported)
+    return Partition(head=head, cached=cached, after=after, indicator=indicator, pairs=pairs,
+                     observed=observed, exported=exported)

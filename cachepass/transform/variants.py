@@ -4,11 +4,13 @@ All three take the original graph inputs first (same order as Dynamo's), then th
 values; the reuse variant then takes the cache-read placeholders its reconstruction declares.
 
 * head:    original inputs -> (indicator?, *exported)
-* compute: ... -> (*original outputs, *residuals)   the residuals ``out - in`` are the cache writes
-* reuse:   ... , *cache -> (*original outputs)      body outputs rebuilt by the reconstruction nodes
+* compute: ... -> (*original outputs, *residuals, *observed)   residuals ``end - start`` per cached
+           pair are the cache writes; observed tensors go to the policy
+* reuse:   ... , *cache -> (*original outputs)   the cached span's outputs rebuilt by the
+           reconstruction's cache-read nodes, then the blocks after the span and the tail
 
 Invariant: both variants return the original outputs in the original order; the compute variant's
-extra outputs are exactly one residual per residual-stream tensor, in stream order.
+extra outputs are exactly one residual per cached pair, in pair order, then the observed tensors.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class GraphVariants:
     num_exported: int
     num_outputs: int
     num_cache_inputs: int
+    num_residuals: int
 
 
 def _placeholders(gm: fx.GraphModule) -> list[fx.Node]:
@@ -86,12 +89,13 @@ def build_variants(
     graph, env = _start(gm, part.exported)
     _copy(graph, env, [n for n in nodes if n in part.rest])
     residuals = []
-    for s in structure.stream:
-        r = graph.call_function(torch.sub, (env[s.output], env[s.input]))
-        r.meta["example_value"] = s.output.meta.get("example_value")
+    for start, end in part.pairs:
+        r = graph.call_function(torch.sub, (env[end], env[start]))
+        r.meta["example_value"] = end.meta.get("example_value")
         residuals.append(r)
     outputs = tuple(fx.map_arg(original, lambda n: env[n]))
-    compute = _finish(gm, graph, outputs + tuple(residuals))
+    observed = tuple(env[n] for n in part.observed)
+    compute = _finish(gm, graph, outputs + tuple(residuals) + observed)
 
     # reuse: cache reads and reconstruction instead of the body, then the tail
     graph, env = _start(gm, part.exported)
@@ -107,14 +111,15 @@ def build_variants(
         ph.meta["example_value"] = example
         return ph
 
-    rebuilt = requirements.reconstruction.build(graph, [env[s.input] for s in structure.stream], add_placeholder)
-    for s, node in zip(structure.stream, rebuilt):
-        env[s.output] = node
+    rebuilt = requirements.reconstruction.build(graph, [env[start] for start, _ in part.pairs], add_placeholder)
+    for (_, end), node in zip(part.pairs, rebuilt):
+        env[end] = node
     num_cache = len([n for n in graph.nodes if n.op == "placeholder"]) - first_cache_slot
-    _copy(graph, env, [n for n in nodes if n in part.tail])
+    _copy(graph, env, [n for n in nodes if n in part.after])
     reuse = _finish(gm, graph, tuple(fx.map_arg(original, lambda n: env[n])))
 
     return GraphVariants(
         head=head, compute=compute, reuse=reuse, has_indicator=part.indicator is not None,
         num_exported=len(part.exported), num_outputs=len(original), num_cache_inputs=num_cache,
+        num_residuals=len(part.pairs),
     )

@@ -1,0 +1,1 @@
+"""Passes that write graphs: partition around the cache decision, build the head and the variants."""
