@@ -13,9 +13,8 @@ from typing import Any
 
 import torch
 
-from .analysis.module_paths import qualified_name
 from .analysis.structure import analyse
-from .analysis.values import example_value, is_user_input, source_name
+from .analysis.values import example_value, input_name, is_user_input
 from .backend import find_root_module
 from .errors import UnsupportedStructure
 from .options import parse_options
@@ -88,7 +87,7 @@ def _describe(gm, policy) -> GraphReport:
         if n.op != "placeholder" or is_user_input(n)
     ]
     if structure.timestep_input is not None:
-        report.timestep_input = qualified_name(source_name(structure.timestep_input)) or structure.timestep_input.name
+        report.timestep_input = input_name(structure.timestep_input)
     report.indicators = {k: v.name for k, v in structure.indicators.items()}
     requirements = policy.requirements()
     report.indicator_used = requirements.indicator

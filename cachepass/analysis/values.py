@@ -19,6 +19,22 @@ def tensor_signature(node: fx.Node) -> tuple | None:
     return tuple(str(d) for d in value.shape), value.dtype
 
 
+def input_name(node: fx.Node) -> str:
+    """A readable name for a caller input: ``L['kwargs']['timestep']`` -> ``timestep``, ``L['t']`` -> ``t``."""
+    import re
+
+    keys = re.findall(r"\['([^']+)'\]|\[(\d+)\]", source_name(node))
+    names = [k or i for k, i in keys if (k or i) not in ("kwargs",)]
+    if not names:  # Dynamo's placeholder names spell the source: l_kwargs_timestep_, l_args_1_, l_t_
+        m = re.fullmatch(r"l_(?:kwargs_)?(args_(\d+)_|(.+?))_?", node.name)
+        if m is None:
+            return node.name
+        return f"args[{m.group(2)}]" if m.group(2) else m.group(3)
+    if names[0] == "args" and len(names) > 1:
+        return f"args[{names[1]}]"
+    return names[-1] if len(names) <= 2 else ".".join(names[1:])
+
+
 def is_tensor(node: fx.Node) -> bool:
     return isinstance(example_value(node), torch.Tensor)
 

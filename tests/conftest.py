@@ -1,0 +1,28 @@
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles from scratch: no Dynamo cache entries leak between tests."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def relative_l1(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().mean() / b.abs().mean()).item()
+
+
+def count_attention_calls(fn) -> int:
+    """How many scaled-dot-product attentions ran inside ``fn()``: block executions, seen by the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.name == "aten::scaled_dot_product_attention")
