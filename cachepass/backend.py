@@ -8,6 +8,7 @@ an unsupported structure), the graph is compiled unchanged by ``inner`` and one 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any, Callable, Mapping, Sequence
 
@@ -65,7 +66,7 @@ def _fallback(gm, example_inputs, settings: Settings, reason: str, runtime) -> C
         "outputs equal a plain torch.compile.",
         reason, settings.inner if isinstance(settings.inner, str) else getattr(settings.inner, "__name__", "callable"),
     )
-    return compile_piece(gm, example_inputs, settings.inner)
+    return compile_piece(gm, example_inputs, settings.inner, settings.inductor_mode)
 
 
 def compile_with_settings(gm: fx.GraphModule, example_inputs: Sequence, settings: Settings) -> Callable:
@@ -87,7 +88,8 @@ def compile_with_settings(gm: fx.GraphModule, example_inputs: Sequence, settings
     pieces = {}
     for name in ("head", "compute", "reuse"):
         piece = getattr(variants, name)
-        pieces[name] = compile_piece(piece, example_inputs_for(piece, example_inputs), settings.inner)
+        pieces[name] = compile_piece(piece, example_inputs_for(piece, example_inputs), settings.inner,
+                                     settings.inductor_mode)
 
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     timestep_index = placeholders.index(structure.timestep_input) if structure.timestep_input is not None else None
@@ -115,10 +117,17 @@ def compile_with_settings(gm: fx.GraphModule, example_inputs: Sequence, settings
 
 def cachepass_backend(gm: fx.GraphModule, example_inputs: Sequence, options: Mapping[str, Any] | None = None,
                       mode: str | None = None) -> Callable:
-    """The ``backend="cachepass"`` entry point (``options=`` comes from ``torch.compile``)."""
-    if mode is not None:
-        raise OptionError(f"cachepass takes no mode= (got {mode!r}); choose the inner compiler with options={{'inner': ...}}")
-    return compile_with_settings(gm, example_inputs, parse_options(options))
+    """The ``backend="cachepass"`` entry point (``options=`` and ``mode=`` come from ``torch.compile``;
+    ``mode`` is handed to inductor when it is the inner compiler)."""
+    return compile_with_settings(gm, example_inputs, _with_mode(parse_options(options), mode))
+
+
+def _with_mode(settings: Settings, mode: str | None) -> Settings:
+    if mode is None:
+        return settings
+    if settings.inner != "inductor":
+        raise OptionError(f"mode={mode!r} applies to inner='inductor' only; inner is {settings.inner!r}")
+    return dataclasses.replace(settings, inductor_mode=mode)
 
 
 class CachepassBackend:
@@ -130,8 +139,8 @@ class CachepassBackend:
         self.settings = parse_options(options)
         self.options = dict(options)
 
-    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence) -> Callable:
-        return compile_with_settings(gm, example_inputs, self.settings)
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence, mode: str | None = None) -> Callable:
+        return compile_with_settings(gm, example_inputs, _with_mode(self.settings, mode))
 
     def __repr__(self) -> str:
         return f"cachepass.backend({', '.join(f'{k}={v!r}' for k, v in self.options.items())})"

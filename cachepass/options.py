@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping
 from .errors import OptionError
 from .policies import POLICIES, Policy
 
-DEFAULT_POLICY = "interval"
+DEFAULT_POLICY = "teacache"
 INNER_CHOICES = ("inductor", "eager")
 
 #: Options every policy accepts; everything else belongs to the chosen policy's config.
@@ -28,6 +28,7 @@ class Settings:
     policy: Policy
     inner: str | Callable
     num_steps: int | None = None
+    inductor_mode: str | None = None  # torch.compile(mode=...), passed on to inductor
 
     @property
     def policy_name(self) -> str:

@@ -182,3 +182,9 @@ def test_explain_reports_the_structure():
     assert "residual stream: hidden_states ['1', '16', '16'] float32" in text
     off = cachepass.explain(NoStack(), torch.randn(1, 2, 8), torch.tensor([1.0]))
     assert not off.caching and "no block stack" in str(off)
+
+
+def test_mode_goes_to_inductor_only():
+    fast = torch.compile(tiny_wan(), backend=cachepass.backend(policy="interval", inner="eager"), mode="max-autotune")
+    with pytest.raises(ValueError, match="applies to inner='inductor' only"), torch.no_grad():
+        fast(timestep=torch.tensor([1]), **wan_inputs())

@@ -15,15 +15,17 @@ from .._logging import get_logger
 log = get_logger(__name__)
 
 
-def compile_piece(gm: fx.GraphModule, example_inputs: Sequence, inner) -> Callable:
-    """``inner``: ``"eager"`` (run the FX code), ``"inductor"``, another registered backend name, or a
-    backend callable ``(gm, example_inputs) -> callable``."""
+def compile_piece(gm: fx.GraphModule, example_inputs: Sequence, inner, mode: str | None = None) -> Callable:
+    """``inner``: ``"eager"`` (run the FX code), ``"inductor"`` (with ``torch.compile``'s ``mode``
+    options, if any), another registered backend name, or a backend callable ``(gm, example_inputs)``."""
     if inner == "eager":
         return gm.forward
     if inner == "inductor":
+        from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx(gm, list(example_inputs))
+        patches = list_mode_options(mode) if mode else None
+        return compile_fx(gm, list(example_inputs), config_patches=patches)
     if isinstance(inner, str):
         from torch._dynamo.backends.registry import lookup_backend
 
