@@ -3,15 +3,21 @@
 Names: ``block_output:K`` (the first stream tensor leaving block ``K``) and ``attention_output:K``
 (the output of the first attention sub-module of block ``K``, before its gate). ``K`` may be negative
 (from the end) or ``middle`` (``len(blocks) // 2``), so policies never hard-code a depth.
+
+``frame_grid`` (no index) is the 5-d ``(batch, channels, frames, height, width)`` latent the stream's
+tokens are patched from (Wan's patch-embedding output): its shape tells a policy how many tokens make
+one frame, which no ``(batch, tokens, width)`` stream tensor can.
 """
 
 from __future__ import annotations
 
+import networkx as nx
+import torch
 import torch.fx as fx
 
 from ..errors import UnsupportedStructure
 from .module_paths import module_stack
-from .values import tensor_signature
+from .values import example_value, tensor_signature
 
 
 def _block_index(structure, token: str) -> int:
@@ -23,7 +29,28 @@ def _block_index(structure, token: str) -> int:
     return k
 
 
+def _frame_grid(structure) -> fx.Node:
+    """The nearest 5-d ancestor of the first stream input whose last three sizes multiply to its token
+    count (dimension 1 of a ``(batch, tokens, width)`` stream)."""
+    stream_in = structure.stream[0].input
+    value = example_value(stream_in)
+    if isinstance(value, torch.Tensor) and value.dim() == 3:
+        order = structure.order
+        for node in sorted(nx.ancestors(structure.dataflow, stream_in), key=order.__getitem__, reverse=True):
+            grid = example_value(node)
+            if isinstance(grid, torch.Tensor) and grid.dim() == 5:
+                if str(grid.shape[2] * grid.shape[3] * grid.shape[4]) == str(value.shape[1]):
+                    return node
+    raise UnsupportedStructure(
+        "feature 'frame_grid' not found: no 5-d (batch, channels, frames, height, width) latent that the "
+        "residual stream's tokens come from (not a video model?); a policy that asks for it to count "
+        "tokens per frame (adacache) takes tokens_per_frame=... or motion=False instead"
+    )
+
+
 def resolve_feature(structure, name: str) -> fx.Node:
+    if name == "frame_grid":
+        return _frame_grid(structure)
     kind, _, token = name.partition(":")
     block = structure.blocks[_block_index(structure, token)]
     members = set(block.nodes)
@@ -46,5 +73,7 @@ def resolve_feature(structure, name: str) -> fx.Node:
             elif attention is not None:
                 return last
     else:
-        raise UnsupportedStructure(f"unknown feature {name!r}: use block_output:K or attention_output:K")
+        raise UnsupportedStructure(
+            f"unknown feature {name!r}: use block_output:K, attention_output:K or frame_grid"
+        )
     raise UnsupportedStructure(f"feature {name!r} not found in block {block.module.qualified_name!r}")

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from .adacache import AdaCachePolicy
 from .base import CallContext, Policy, PolicyConfig, Requirements
+from .customcache import CustomCachePolicy
+from .dbcache import DBCachePolicy
+from .fbcache import FBCachePolicy
 from .interval import IntervalPolicy
 from .none import NonePolicy
+from .taylorseer import TaylorSeerPolicy
+from .teacache import TeaCachePolicy
 
 #: Every policy by its option name. A new policy is one module plus one line here.
 POLICIES: dict[str, type[Policy]] = {
@@ -12,6 +18,12 @@ POLICIES: dict[str, type[Policy]] = {
     for cls in (
         NonePolicy,
         IntervalPolicy,
+        TeaCachePolicy,
+        TaylorSeerPolicy,
+        AdaCachePolicy,
+        CustomCachePolicy,
+        FBCachePolicy,
+        DBCachePolicy,
     )
 }
 

@@ -121,3 +121,19 @@ def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
 def check_bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise OptionError(f"option {name!r} must be True or False, got {value!r}")
+
+
+def check_optional_int(name: str, value: Any, *, minimum: int | None = None, maximum: int | None = None) -> None:
+    if value is not None:
+        check_int(name, value, minimum=minimum, maximum=maximum)
+
+
+# --- schedule helpers --------------------------------------------------------------------------
+
+def is_forced_step(ctx: CallContext, first: int, last: int = 0) -> bool:
+    """Whether the call is one of the first ``first`` steps or, when ``ctx.num_steps`` is known, one of
+    the last ``last`` steps. With the step count unknown (first generation without the ``num_steps``
+    option) no last step can be recognised, so only the first steps are forced."""
+    if ctx.step < first:
+        return True
+    return last > 0 and ctx.num_steps is not None and ctx.step >= ctx.num_steps - last

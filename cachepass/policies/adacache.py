@@ -1,0 +1,192 @@
+"""``adacache``: after each computed step, choose how many steps to reuse from how much a feature moved.
+
+AdaCache (arXiv 2411.02397), as the reference implements it for Wan2.1. On every computed step of a
+stream the policy reads one body feature (default: the middle block's self-attention output) and
+compares it with the previous computed step's:
+
+* ``d = |prev - now|_1 / |prev|_1``, divided by the gap between the two computed steps;
+* motion regularisation for steps in ``[int(0.1 N), int(0.9 N)]`` (``s`` = tokens per frame):
+  ``mo = |r[s:] - r[:-s]|_1 / (|r[s:]|_1 + |r[:-s]|_1)``, ``moreg = (mo / 0.385)^8`` (1 outside the
+  window), ``mograd = 10 (moreg - prev_moreg) / gap``, ``moreg += |mograd|``, ``d *= moreg``;
+* the codebook maps ``d`` to the next interval: the first upper bound above ``d`` wins (else the last).
+
+The stream then reuses the cached residual until that interval has elapsed. The ``warmup`` first
+steps (``0, 1``) and the ``final_steps`` last ones are computed (the last ones only when the step
+count is known; motion regularisation too, since its window is a fraction of it).
+
+Tokens per frame come from the latent's shape (``frame_grid`` feature); the reference hard-codes the
+model width (1536), which is a defect. ``tokens_per_frame=`` overrides, for models whose latent the
+analysis does not find.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .._logging import get_logger
+from ..errors import OptionError
+from .base import (
+    CallContext, Policy, PolicyConfig, Requirements, check_bool, check_int, check_optional_int, is_forced_step,
+)
+from .distance import relative_l1
+
+log = get_logger(__name__)
+
+CODEBOOK_100 = {0.03: 12, 0.05: 10, 0.07: 8, 0.09: 6, 0.11: 4, 1.0: 3}
+CODEBOOK_30_FAST = {0.08: 6, 0.16: 5, 0.24: 4, 0.32: 3, 0.40: 2, 1.0: 1}
+CODEBOOK_30_SLOW = {0.08: 3, 0.16: 2, 0.24: 1, 0.32: 1, 0.40: 1, 1.0: 1}
+
+
+def interpolate_codebook(a: dict, steps_a: int, b: dict, steps_b: int, steps: int) -> dict:
+    """Entry-wise geometric interpolation between two codebooks of the same length, at ``steps``
+    placed on a log scale between ``steps_a`` and ``steps_b``. Bounds round to 2 decimals, intervals
+    to the nearest integer (at least 1)."""
+    u = math.log(steps_a / steps) / math.log(steps_a / steps_b)
+    out = {}
+    for (ta, ia), (tb, ib) in zip(a.items(), b.items()):
+        bound = round(ta ** (1 - u) * tb**u, 2)
+        out[bound] = max(1, round(ia ** (1 - u) * ib**u))
+    return out
+
+
+#: No 50-step codebook was published: interpolated between the 100- and the 30-step (fast) ones.
+CODEBOOK_50 = interpolate_codebook(CODEBOOK_100, 100, CODEBOOK_30_FAST, 30, 50)
+
+CODEBOOKS = {"100": CODEBOOK_100, "50": CODEBOOK_50, "30-fast": CODEBOOK_30_FAST, "30-slow": CODEBOOK_30_SLOW}
+CODEBOOK_STEPS = {"100": 100, "50": 50, "30-fast": 30}
+
+MOREG_SCALE, MOREG_POWER, MOGRAD_MUL = 0.385, 8, 10.0
+MOREG_WINDOW = (0.1, 0.9)
+_FEATURE = re.compile(r"^(block_output|attention_output):(middle|-?\d+)$")
+
+
+def auto_codebook(num_steps: int | None) -> dict:
+    """The codebook made for the nearest step count (log scale); 50 steps when unknown."""
+    if num_steps is None:
+        return CODEBOOK_50
+    name = min(CODEBOOK_STEPS, key=lambda k: abs(math.log(num_steps / CODEBOOK_STEPS[k])))
+    return CODEBOOKS[name]
+
+
+@dataclass(frozen=True)
+class AdaCacheConfig(PolicyConfig):
+    feature: str = "attention_output:middle"
+    codebook: Any = "auto"  # "auto", a name in CODEBOOKS, or {upper bound: interval}
+    motion: bool = True
+    tokens_per_frame: int | None = None  # None: read from the latent's shape
+    warmup: int = 2
+    final_steps: int = 2
+
+    def validate(self) -> None:
+        if not isinstance(self.feature, str) or not _FEATURE.match(self.feature):
+            raise OptionError(
+                "option 'feature' must be 'block_output:K' or 'attention_output:K' (K an integer or "
+                f"'middle'); got {self.feature!r}"
+            )
+        check_bool("motion", self.motion)
+        check_optional_int("tokens_per_frame", self.tokens_per_frame, minimum=1)
+        check_int("warmup", self.warmup, minimum=1)
+        check_int("final_steps", self.final_steps, minimum=0)
+        self.resolved_codebook(None)
+
+    def resolved_codebook(self, num_steps: int | None) -> dict:
+        book = self.codebook
+        if book == "auto":
+            return auto_codebook(num_steps)
+        if isinstance(book, str) and book in CODEBOOKS:
+            return CODEBOOKS[book]
+        if isinstance(book, dict) and book and all(
+            isinstance(k, (int, float)) and not isinstance(k, bool) and k > 0
+            and isinstance(v, int) and not isinstance(v, bool) and v >= 1
+            for k, v in book.items()
+        ):
+            return dict(sorted(book.items()))
+        raise OptionError(
+            f"option 'codebook' must be 'auto', one of {', '.join(map(repr, CODEBOOKS))}, or a dict "
+            f"{{distance upper bound > 0: interval >= 1}}; got {book!r}"
+        )
+
+
+@dataclass
+class AdaCacheState:
+    next_step: int = 0  # first step that computes again
+    last_step: int | None = None  # last computed step
+    previous: torch.Tensor | None = None  # the feature at the last computed step
+    previous_moreg: float = 1.0
+    intervals: list = field(default_factory=list)  # (step, distance, interval) per computed step
+
+
+def codebook_interval(book: dict, distance: float) -> int:
+    for bound, interval in book.items():
+        if distance < bound:
+            return interval
+    return list(book.values())[-1]
+
+
+def motion_score(feature: torch.Tensor, tokens_per_frame: int) -> float | None:
+    """``|r[s:] - r[:-s]|_1 / (|r[s:]|_1 + |r[:-s]|_1)`` along the token axis (dim 1 of ``(B, L, C)``);
+    ``None`` when there is only one frame."""
+    s = tokens_per_frame
+    r = feature.float()
+    if r.dim() != 3 or s >= r.shape[1]:
+        return None
+    later, earlier = r[:, s:], r[:, :-s]
+    num, den = torch.stack([(later - earlier).abs().sum(), later.abs().sum() + earlier.abs().sum()]).tolist()
+    return num / den if den > 0 else 0.0
+
+
+class AdaCachePolicy(Policy):
+    name = "adacache"
+    config_class = AdaCacheConfig
+
+    def requirements(self) -> Requirements:
+        observe = (self.config.feature,)
+        if self.config.motion and self.config.tokens_per_frame is None:
+            observe += ("frame_grid",)
+        return Requirements(indicator=None, observe=observe)
+
+    def new_state(self) -> AdaCacheState:
+        return AdaCacheState()
+
+    def decide(self, state: AdaCacheState, ctx: CallContext, indicator) -> bool:
+        if is_forced_step(ctx, self.config.warmup, self.config.final_steps) or state.previous is None:
+            return True
+        return ctx.step >= state.next_step
+
+    def after_compute(self, state: AdaCacheState, ctx: CallContext, observed: list) -> None:
+        feature = observed[0].detach()
+        previous, last_step = state.previous, state.last_step
+        state.previous, state.last_step = feature.clone(), ctx.step
+        if previous is None or last_step is None or ctx.step <= last_step:
+            state.next_step = ctx.step + 1
+            state.intervals.append((ctx.step, None, 1))
+            return
+        gap = ctx.step - last_step
+        distance = relative_l1(feature, previous) / gap  # mean/mean: the same ratio as |.|_1/|.|_1
+        distance *= self._motion(state, ctx, feature, observed, gap)
+        interval = codebook_interval(self.config.resolved_codebook(ctx.num_steps), distance)
+        state.next_step = ctx.step + interval
+        state.intervals.append((ctx.step, distance, interval))
+        log.debug("adacache: stream %d step %d: distance %.4f -> next compute at step %d",
+                  ctx.stream, ctx.step, distance, state.next_step)
+
+    def _motion(self, state: AdaCacheState, ctx: CallContext, feature, observed, gap: int) -> float:
+        moreg = 1.0
+        if self.config.motion and ctx.num_steps is not None:
+            lo, hi = (int(f * ctx.num_steps) for f in MOREG_WINDOW)
+            if lo <= ctx.step <= hi:
+                tokens = self.config.tokens_per_frame
+                if tokens is None:
+                    grid = observed[1]
+                    tokens = int(grid.shape[-2] * grid.shape[-1])
+                score = motion_score(feature, tokens)
+                if score is not None:
+                    moreg = (score / MOREG_SCALE) ** MOREG_POWER
+        mograd = MOGRAD_MUL * (moreg - state.previous_moreg) / gap
+        state.previous_moreg = moreg
+        return moreg + abs(mograd)

@@ -1,0 +1,45 @@
+"""``dbcache``: First-Block-Cache generalised to ``Fn`` front and ``Bn`` back blocks (cache-dit).
+
+The first ``Fn`` blocks and the last ``Bn`` blocks run on every call; the middle span is cached. The
+indicator is the stream value at boundary ``Fn`` (after the front blocks): the call reuses while its
+relative L1 change against the last computed call stays under ``threshold``. A reuse call rebuilds the
+middle span from its cached residual, or by a Taylor prediction of it with ``taylor=order``.
+Defaults follow cache-dit: F1B0, threshold 0.08, 8 warmup steps (its headline settings are F8B0 and
+F4B0 on 57-block FLUX; a stack must keep at least one block between the front and back ones).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..reconstruction import Reconstruction, ResidualReuse, TaylorReuse
+from ..taylor import MAX_ORDER
+from .base import Requirements, check_int, check_optional_int
+from .fbcache import FBCacheConfig, FBCachePolicy
+
+
+@dataclass(frozen=True)
+class DBCacheConfig(FBCacheConfig):
+    Fn: int = 1
+    Bn: int = 0
+    taylor: int | None = None  # Taylor order of the reconstruction; None: plain residual reuse
+    warmup: int = 8
+
+    def validate(self) -> None:
+        super().validate()
+        check_int("Fn", self.Fn, minimum=1)
+        check_int("Bn", self.Bn, minimum=0)
+        check_optional_int("taylor", self.taylor, minimum=1, maximum=MAX_ORDER)
+
+
+class DBCachePolicy(FBCachePolicy):
+    name = "dbcache"
+    config_class = DBCacheConfig
+
+    def reconstruction(self) -> Reconstruction:
+        return ResidualReuse() if self.config.taylor is None else TaylorReuse(order=self.config.taylor)
+
+    def requirements(self) -> Requirements:
+        c = self.config
+        return Requirements(indicator="first_block_output", compute_first=c.Fn, compute_last=c.Bn,
+                            reconstruction=self.reconstruction())

@@ -1,0 +1,67 @@
+"""``fbcache``: run the first block every call; skip the rest while its output barely moved.
+
+First-Block-Cache (ParaAttention; diffusers' ``FirstBlockCache``). Block 0 is computed on every call
+(``compute_first=1``) and its output is the indicator: the call reuses the cached residual of blocks
+``1..N-1`` while ``mean|o - o_ref| / mean|o_ref| < threshold``, where ``o_ref`` is the first block's
+output at the last *computed* call of the stream (so slow drift accumulates until it recomputes).
+The ``warmup`` first steps and the ``final_steps`` last ones (step count known) are computed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..reconstruction import Reconstruction, ResidualReuse
+from .base import CallContext, Policy, PolicyConfig, Requirements, check_float, check_int, is_forced_step
+from .distance import relative_l1
+
+
+@dataclass(frozen=True)
+class FBCacheConfig(PolicyConfig):
+    threshold: float = 0.08
+    warmup: int = 1
+    final_steps: int = 0
+
+    def validate(self) -> None:
+        check_float("threshold", self.threshold, minimum=0.0)
+        check_int("warmup", self.warmup, minimum=1)
+        check_int("final_steps", self.final_steps, minimum=0)
+
+
+@dataclass
+class ReferenceState:
+    reference: Any = None  # the indicator at the last computed call
+    distances: list = field(default_factory=list)  # relative change per decided call, for inspection
+
+
+def decide_against_reference(state: ReferenceState, ctx: CallContext, indicator, threshold: float,
+                             forced: bool) -> bool:
+    """Compute (and take ``indicator`` as the new reference) when forced, without a reference, or when
+    the relative L1 change against the reference reaches ``threshold``; else reuse."""
+    if not forced and state.reference is not None:
+        distance = relative_l1(indicator, state.reference)
+        state.distances.append(distance)
+        if distance < threshold:
+            return False
+    state.reference = indicator.detach().clone()
+    return True
+
+
+class FBCachePolicy(Policy):
+    name = "fbcache"
+    config_class = FBCacheConfig
+
+    def reconstruction(self) -> Reconstruction:
+        return ResidualReuse()
+
+    def requirements(self) -> Requirements:
+        return Requirements(indicator="first_block_output", compute_first=1, reconstruction=self.reconstruction())
+
+    def new_state(self) -> ReferenceState:
+        return ReferenceState()
+
+    def decide(self, state: ReferenceState, ctx: CallContext, indicator) -> bool:
+        c = self.config
+        forced = is_forced_step(ctx, c.warmup, c.final_steps)
+        return decide_against_reference(state, ctx, indicator, c.threshold, forced)

@@ -1,0 +1,121 @@
+"""``teacache``: skip while the accumulated, rescaled change of a cheap indicator stays small.
+
+TeaCache (arXiv 2411.19108), as the reference implements it for Wan2.1. Per call and stream:
+``d = mean|m_t - m_prev| / mean|m_prev|`` on the indicator ``m``; ``acc += poly(d)`` with a 4th-order
+polynomial (``numpy.poly1d`` order: ``c0*d^4 + ... + c4``) fitted per model, mapping indicator change to
+output change; reuse the cached residual while ``acc < threshold``, else compute and set ``acc = 0``.
+``m_prev`` follows every call, computed or not. Forced steps (``acc`` reset there too):
+``ret_steps=True`` the first 5 steps; ``ret_steps=False`` step 0 and the last step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .._logging import get_logger
+from ..errors import OptionError
+from .base import CallContext, Policy, PolicyConfig, Requirements, check_bool, check_choice, check_float, is_forced_step
+from .distance import relative_l1
+
+log = get_logger(__name__)
+
+#: Wan2.1 coefficients from the reference (``-ret``: fitted with ``use_ret_steps=True``).
+COEFFICIENT_PRESETS: dict[str, tuple[float, ...]] = {
+    "wan2.1-t2v-1.3b-ret": (-5.21862437e4, 9.23041404e3, -5.28275948e2, 1.36987616e1, -4.99875664e-2),
+    "wan2.1-t2v-1.3b": (2.39676752e3, -1.31110545e3, 2.01331979e2, -8.29855975, 1.37887774e-1),
+    "wan2.1-t2v-14b-ret": (-3.03318725e5, 4.90537029e4, -2.65530556e3, 5.87365115e1, -3.15583525e-1),
+    "wan2.1-t2v-14b": (-5784.54975374, 5449.50911966, -1811.16591783, 256.27178429, -13.02252404),
+    "wan2.1-i2v-480p-ret": (2.57151496e5, -3.54229917e4, 1.40286849e3, -1.35890334e1, 1.32517977e-1),
+    "wan2.1-i2v-480p": (-3.02331670e2, 2.23948934e2, -5.25463970e1, 5.87348440, -2.01973289e-1),
+    "wan2.1-i2v-720p-ret": (8.10705460e3, 2.13393892e3, -3.72934672e2, 1.66203073e1, -4.17769401e-2),
+    "wan2.1-i2v-720p": (-114.36346466, 65.26524496, -18.82220707, 4.91518089, -0.23412683),
+    "identity": (0.0, 0.0, 0.0, 1.0, 0.0),  # no rescaling: acc sums the raw relative change
+}
+
+INDICATOR_CHOICES = ("timestep_embedding", "modulated_input")
+RET_WARMUP = 5  # steps forced with ret_steps=True
+
+
+@dataclass(frozen=True)
+class TeaCacheConfig(PolicyConfig):
+    threshold: float = 0.2
+    indicator: str = "timestep_embedding"
+    coefficients: Any = None  # preset name or 5 floats; None: "wan2.1-t2v-1.3b" (+"-ret" with ret_steps)
+    ret_steps: bool = False
+
+    def validate(self) -> None:
+        check_float("threshold", self.threshold, minimum=0.0)
+        check_choice("indicator", self.indicator, INDICATOR_CHOICES)
+        check_bool("ret_steps", self.ret_steps)
+        resolve_coefficients(self.coefficients, self.ret_steps)
+
+
+def resolve_coefficients(value: Any, ret_steps: bool, warn: bool = False) -> tuple[float, ...]:
+    """The 5 polynomial coefficients for the option ``coefficients`` (``None``: the T2V 1.3B set that
+    matches ``ret_steps``). A preset fitted for the other ``ret_steps`` setting only warns."""
+    if value is None:
+        value = "wan2.1-t2v-1.3b-ret" if ret_steps else "wan2.1-t2v-1.3b"
+    if isinstance(value, str):
+        if value not in COEFFICIENT_PRESETS:
+            raise OptionError(
+                f"option 'coefficients' must be a list of 5 numbers or one of "
+                f"{', '.join(map(repr, COEFFICIENT_PRESETS))}; got {value!r}"
+            )
+        if warn and value != "identity" and value.endswith("-ret") != ret_steps:
+            log.warning("teacache: coefficients %r were fitted with use_ret_steps=%s but ret_steps=%s",
+                        value, not ret_steps, ret_steps)
+        return COEFFICIENT_PRESETS[value]
+    try:
+        coeffs = tuple(value)
+    except TypeError:
+        coeffs = ()
+    if len(coeffs) != 5 or not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in coeffs):
+        raise OptionError(
+            f"option 'coefficients' must be a list of 5 numbers (numpy.poly1d order, highest power first) "
+            f"or one of {', '.join(map(repr, COEFFICIENT_PRESETS))}; got {value!r}"
+        )
+    return tuple(float(c) for c in coeffs)
+
+
+@dataclass
+class TeaCacheState:
+    accumulated: float = 0.0
+    previous: Any = None  # the indicator of the previous call (computed or not)
+    distances: list[float] = field(default_factory=list)  # rescaled change per call, for inspection
+
+
+class TeaCachePolicy(Policy):
+    name = "teacache"
+    config_class = TeaCacheConfig
+
+    def __init__(self, config: TeaCacheConfig) -> None:
+        super().__init__(config)
+        self.poly = np.poly1d(resolve_coefficients(config.coefficients, config.ret_steps, warn=True))
+
+    def requirements(self) -> Requirements:
+        return Requirements(indicator=self.config.indicator)
+
+    def new_state(self) -> TeaCacheState:
+        return TeaCacheState()
+
+    def forced(self, ctx: CallContext) -> bool:
+        if self.config.ret_steps:
+            return is_forced_step(ctx, RET_WARMUP)
+        return is_forced_step(ctx, 1, 1)
+
+    def decide(self, state: TeaCacheState, ctx: CallContext, indicator) -> bool:
+        previous, state.previous = state.previous, indicator.detach().clone()
+        if self.forced(ctx) or previous is None:
+            state.accumulated = 0.0
+            return True
+        change = float(self.poly(relative_l1(indicator, previous)))
+        state.distances.append(change)
+        state.accumulated += change
+        if math.isfinite(change) and state.accumulated < self.config.threshold:
+            return False
+        state.accumulated = 0.0
+        return True
