@@ -12,6 +12,7 @@ import torch.fx as fx
 
 from cachepass import taylor
 from cachepass.reconstruction import TaylorReuse
+from cachepass.transform.variants import placeholder_adder
 
 
 def test_order_1_coefficients_are_the_backward_difference():
@@ -47,17 +48,7 @@ def _reuse_graph(order: int, num_pairs: int) -> fx.GraphModule:
         x.meta["example_value"] = torch.empty(2, 3, dtype=torch.float64)
         inputs.append(x)
 
-    def add_placeholder(name, example):
-        anchor = next((n for n in graph.nodes if n.op != "placeholder"), None)
-        if anchor is None:
-            ph = graph.placeholder(name)
-        else:
-            with graph.inserting_before(anchor):
-                ph = graph.placeholder(name)
-        ph.meta["example_value"] = example
-        return ph
-
-    outputs = TaylorReuse(order).build(graph, inputs, add_placeholder)
+    outputs = TaylorReuse(order).build(graph, inputs, placeholder_adder(graph))
     graph.output(tuple(outputs))
     graph.lint()
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]

@@ -72,6 +72,22 @@ def _finish(gm: fx.GraphModule, graph: fx.Graph, outputs: tuple) -> fx.GraphModu
     return piece
 
 
+def placeholder_adder(graph: fx.Graph):
+    """``add(name, example)``: a new placeholder kept before every other node (the inputs stay first)."""
+
+    def add(name, example):
+        anchor = next((n for n in graph.nodes if n.op != "placeholder"), None)
+        if anchor is None:
+            ph = graph.placeholder(name)
+        else:
+            with graph.inserting_before(anchor):
+                ph = graph.placeholder(name)
+        ph.meta["example_value"] = example
+        return ph
+
+    return add
+
+
 def build_variants(
     gm: fx.GraphModule, structure: DenoiserStructure, part: Partition, requirements: Requirements
 ) -> GraphVariants:
@@ -101,17 +117,8 @@ def build_variants(
     graph, env = _start(gm, part.exported)
     first_cache_slot = len(graph.nodes)
 
-    def add_placeholder(name, example):
-        anchor = next((n for n in graph.nodes if n.op != "placeholder"), None)
-        if anchor is None:
-            ph = graph.placeholder(name)
-        else:
-            with graph.inserting_before(anchor):
-                ph = graph.placeholder(name)
-        ph.meta["example_value"] = example
-        return ph
-
-    rebuilt = requirements.reconstruction.build(graph, [env[start] for start, _ in part.pairs], add_placeholder)
+    rebuilt = requirements.reconstruction.build(
+        graph, [env[start] for start, _ in part.pairs], placeholder_adder(graph))
     for (_, end), node in zip(part.pairs, rebuilt):
         env[end] = node
     num_cache = len([n for n in graph.nodes if n.op == "placeholder"]) - first_cache_slot
