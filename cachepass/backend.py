@@ -69,6 +69,10 @@ def _fallback(gm, example_inputs, settings: Settings, reason: str, runtime) -> C
     return compile_piece(gm, example_inputs, settings.inner, settings.inductor_mode)
 
 
+def _never_reused(*args):
+    raise AssertionError("cachepass: the policy declared it never reuses, yet a reuse was requested")
+
+
 def compile_with_settings(gm: fx.GraphModule, example_inputs: Sequence, settings: Settings) -> Callable:
     """Build the cache-aware program for one Dynamo graph (or the fallback)."""
     root = find_root_module(gm)
@@ -86,7 +90,9 @@ def compile_with_settings(gm: fx.GraphModule, example_inputs: Sequence, settings
         return _fallback(gm, example_inputs, settings, str(exc), runtime)
 
     pieces = {}
-    for name in ("head", "compute", "reuse"):
+    names = ("head", "compute", "reuse") if requirements.reuses else ("head", "compute")
+    pieces["reuse"] = _never_reused
+    for name in names:
         piece = getattr(variants, name)
         pieces[name] = compile_piece(piece, example_inputs_for(piece, example_inputs), settings.inner,
                                      settings.inductor_mode)

@@ -43,6 +43,7 @@ def test_policy_none_equals_the_model(name):
     ref, out = (ref[0], out[0]) if name != "dit" else (ref, out)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     assert cachepass.stats(fast).caching
+    assert cachepass.stats(fast).cache_bytes == 0  # `none` never reuses, so it stores nothing
 
 
 def test_interval_skips_blocks_and_stays_close():

@@ -45,6 +45,7 @@ class Requirements:
     compute_first: int = 0
     compute_last: int = 0
     observe: tuple[str, ...] = ()
+    reuses: bool = True  # False (policy ``none``): no cache writes, no reuse variant compiled
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ class NonePolicy(Policy):
     config_class = NoneConfig
 
     def requirements(self) -> Requirements:
-        return Requirements(indicator=None)
+        return Requirements(indicator=None, reuses=False)
 
     def decide(self, state, ctx, indicator) -> bool:
         return True

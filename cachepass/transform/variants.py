@@ -105,7 +105,7 @@ def build_variants(
     graph, env = _start(gm, part.exported)
     _copy(graph, env, [n for n in nodes if n in part.rest])
     residuals = []
-    for start, end in part.pairs:
+    for start, end in part.pairs if requirements.reuses else ():
         r = graph.call_function(torch.sub, (env[end], env[start]))
         r.meta["example_value"] = end.meta.get("example_value")
         residuals.append(r)
@@ -128,5 +128,5 @@ def build_variants(
     return GraphVariants(
         head=head, compute=compute, reuse=reuse, has_indicator=part.indicator is not None,
         num_exported=len(part.exported), num_outputs=len(original), num_cache_inputs=num_cache,
-        num_residuals=len(part.pairs),
+        num_residuals=len(residuals),
     )
