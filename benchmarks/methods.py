@@ -35,6 +35,7 @@ GROUPS: dict[str, list[str]] = {
         "cachepass:interval:interval=2|3|5",
         "cachepass:teacache:threshold=0.1|0.2|0.4",
         "cachepass:taylorseer:interval=2|4|6",
+        "cachepass:taylorseer:granularity=block,interval=2|4|6",
         "cachepass:adacache",
         "cachepass:customcache:threshold=0.1|0.26|0.4",
         "cachepass:fbcache:threshold=0.05|0.1|0.2",

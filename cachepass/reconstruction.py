@@ -1,10 +1,19 @@
-"""How a skipped call rebuilds the block stack's outputs: the graph side and the cache side together.
+"""How a skipped call rebuilds what it skipped: the graph side and the cache side together.
 
-A reconstruction owns both halves so they cannot disagree: ``build`` adds the cache-read nodes to the
-reuse variant's graph (one placeholder group per residual-stream tensor), and ``new_cache`` makes the
-runtime object that stores what compute calls wrote and feeds those placeholders on reuse calls.
+A reconstruction owns both halves so they cannot disagree: ``predict`` adds the cache-read
+placeholders and the nodes that predict each cached tensor to the reuse variant's graph, and
+``new_cache`` makes the runtime object that stores what compute calls wrote and feeds those
+placeholders on reuse calls.
 
-Invariant: ``len(cache.read(...))`` equals the number of placeholders ``build`` created, and each
+What is cached depends on the ``granularity``:
+
+* ``stack``: the residual ``out - in`` of the cached block span, one per residual-stream tensor; the
+  reuse variant adds the prediction to the span's input;
+* ``block``: the outputs of every block's expensive parts (attention, feed-forward; see
+  :mod:`cachepass.analysis.block_parts`); the reuse variant substitutes the predictions for those
+  parts and recomputes the rest of each block (norms, modulation, gates) with the current inputs.
+
+Invariant: ``len(cache.read(...))`` equals the number of placeholders ``predict`` created, and each
 tensor read has the dtype, device and layout of its placeholder's example (compiled pieces may assume
 them).
 """
@@ -42,19 +51,28 @@ class ReuseCache(ABC):
         """Bytes held by this cache."""
 
 
+GRANULARITIES = ("stack", "block")
+
+
 class Reconstruction(ABC):
-    """A way of rebuilding body outputs from body inputs and cached tensors."""
+    """A way of predicting the cached tensors of a skipped call from what compute calls stored."""
 
     name: str
+    granularity: str
+
+    def __post_init__(self) -> None:
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
 
     @abstractmethod
-    def build(
+    def predict(
         self,
         graph: fx.Graph,
-        stream_inputs: Sequence[fx.Node],
+        examples: Sequence[object],
         add_placeholder: Callable[[str, object], fx.Node],
     ) -> list[fx.Node]:
-        """Add cache-read placeholders and reconstruction nodes; return the rebuilt body outputs."""
+        """Add cache-read placeholders and the nodes predicting each cached tensor (``examples``: their
+        example values, in cache-write order); return one prediction node per cached tensor."""
 
     @abstractmethod
     def new_cache(self) -> ReuseCache:
@@ -85,18 +103,13 @@ class _LastResidualCache(ReuseCache):
 
 @dataclass(frozen=True)
 class ResidualReuse(Reconstruction):
-    """Reuse the last computed residual: ``out = in + (out_last - in_last)``."""
+    """Reuse the last computed value as it is (``stack``: ``out = in + (out_last - in_last)``)."""
 
     name: str = "residual"
+    granularity: str = "stack"
 
-    def build(self, graph, stream_inputs, add_placeholder):
-        outputs = []
-        for i, x in enumerate(stream_inputs):
-            residual = add_placeholder(f"cached_residual_{i}", x.meta.get("example_value"))
-            out = graph.call_function(operator.add, (x, residual))
-            out.meta["example_value"] = x.meta.get("example_value")
-            outputs.append(out)
-        return outputs
+    def predict(self, graph, examples, add_placeholder):
+        return [add_placeholder(f"cached_{i}", example) for i, example in enumerate(examples)]
 
     def new_cache(self):
         return _LastResidualCache()
@@ -168,35 +181,36 @@ def _combine(matrix, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 @dataclass(frozen=True)
 class TaylorReuse(Reconstruction):
-    """Predict the residual by its Taylor expansion: ``out = in + sum_i c_i * D_i`` with ``c_i = k^i / i!``,
+    """Predict each cached tensor by its Taylor expansion ``sum_i c_i * D_i`` with ``c_i = k^i / i!``,
     ``k`` the steps since the last computed one (see :mod:`cachepass.taylor`).
 
     Graph side: one shared coefficient placeholder (``order + 1`` float32 values, float64 for float64
-    streams, made per reuse call on the tensors' device) and ``order + 1`` derivative placeholders per
-    cached pair; the sum is written as graph nodes (the "Taylor nodes"), so the inner compiler fuses it
-    with the rest of the reuse variant. Memory: ``order + 1`` residual-sized tensors per pair and stream.
+    tensors, made per reuse call on the tensors' device) and ``order + 1`` derivative placeholders per
+    cached tensor; the sum is written as graph nodes (the "Taylor nodes"), so the inner compiler fuses it
+    with the rest of the reuse variant. Memory: ``order + 1`` tensors per cached tensor and stream
+    (``stack``: one residual per stream tensor; ``block``: every attention / feed-forward output).
     """
 
     order: int = 1
     name: str = "taylor"
+    granularity: str = "stack"
 
-    def build(self, graph, stream_inputs, add_placeholder):
-        if not stream_inputs:
+    def predict(self, graph, examples, add_placeholder):
+        if not examples:
             return []
-        first = stream_inputs[0].meta.get("example_value")
+        first = examples[0]
         example = None
-        if first is not None:
+        if isinstance(first, torch.Tensor):
             example = first.new_empty((self.order + 1,), dtype=_coefficient_dtype(first.dtype))
         coefficients = add_placeholder("taylor_coefficients", example)
         terms = [graph.call_function(operator.getitem, (coefficients, i)) for i in range(self.order + 1)]
         outputs = []
-        for p, x in enumerate(stream_inputs):
-            value = x.meta.get("example_value")
-            out = x
+        for p, value in enumerate(examples):
+            out = None
             for i, c in enumerate(terms):
                 derivative = add_placeholder(f"taylor_d{i}_{p}", value)
                 scaled = graph.call_function(operator.mul, (c, derivative))
-                out = graph.call_function(operator.add, (out, scaled))
+                out = scaled if out is None else graph.call_function(operator.add, (out, scaled))
                 scaled.meta["example_value"] = out.meta["example_value"] = value
             outputs.append(out)
         return outputs

@@ -37,3 +37,26 @@ def test_default_policy_halves_the_work_and_stays_close(reference, policy):
     assert len(streams) == 2
     assert all(len(s.computed_steps) <= 25 for s in streams), [len(s.computed_steps) for s in streams]
     assert psnr(out, full) > 25.0
+
+
+def test_taylorseer_block_and_stack_are_level_on_the_trained_model(reference):
+    """Measured (order 1, interval 4, 13/50 steps): stack 42.6 dB, block 42.4 dB. What the block
+    granularity adds over the stack, exact modulation and gates, is not where this model's step-to-step
+    change lives (docs/policies.md); it costs 12x the cache memory here. Pinned so a change shows."""
+    model, full = reference
+    result = {}
+    for granularity in ("stack", "block"):
+        pipe = make_pipeline(model)
+        pipe.transformer = torch.compile(model, backend="cachepass", options={
+            "policy": "taylorseer", "granularity": granularity, "inner": "eager", "num_steps": 50})
+        with torch.no_grad():
+            out = generate(pipe, DIGITS, num_inference_steps=50, seed=0)
+        stats = cachepass.stats(pipe.transformer)
+        result[granularity] = ([s.computed_steps for s in stats.streams], psnr(out, full),
+                               sum(s.cache_bytes for s in stats.streams))
+        torch._dynamo.reset()
+    (steps_stack, psnr_stack, bytes_stack), (steps_block, psnr_block, bytes_block) = result["stack"], result["block"]
+    assert steps_block == steps_stack and len(steps_stack[0]) == 13
+    assert psnr_stack > 40.0 and psnr_block > 40.0
+    assert abs(psnr_block - psnr_stack) < 1.0, (psnr_block, psnr_stack)
+    assert bytes_block == 12 * bytes_stack  # 3 parts x 4 blocks of residual size

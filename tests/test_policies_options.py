@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cachepass import OptionError
 from cachepass.options import DEFAULT_POLICY, parse_options
+from cachepass.reconstruction import TaylorReuse
 
 BAD = [
     ("teacache", "threshold", -1),
@@ -47,9 +47,10 @@ def test_bad_option_names_the_option(policy, option, value):
         parse_options({"policy": policy, option: value})
 
 
-def test_block_granularity_is_reported_as_not_implemented():
-    with pytest.raises(OptionError, match="'granularity'.*not implemented"):
-        parse_options({"policy": "taylorseer", "granularity": "block"})
+def test_granularity_reaches_the_reconstruction():
+    for granularity in ("stack", "block"):
+        settings = parse_options({"policy": "taylorseer", "granularity": granularity, "order": 3})
+        assert settings.policy.requirements().reconstruction == TaylorReuse(order=3, granularity=granularity)
 
 
 @pytest.mark.parametrize("policy", ["teacache", "taylorseer", "adacache", "customcache", "fbcache", "dbcache"])

@@ -7,21 +7,20 @@ cached span's residual is predicted as ``F^ = sum_i D_i k^i / i!`` from derivati
 :class:`~cachepass.reconstruction.TaylorReuse`).
 
 Granularity ``stack`` applies this to the whole-stack residual (``order + 1`` residual-sized tensors
-per stream). The original per-block granularity (attention / FFN outputs predicted, gates and
-modulation recomputed) is not implemented yet.
+per stream). Granularity ``block`` is the paper's: every block's attention and feed-forward outputs
+are cached and predicted, and the rest of each block (norms, modulation, gates, residual adds) is
+recomputed with the current step's inputs; those parts are found by
+:mod:`cachepass.analysis.block_parts` and removed from the reuse variant. It costs ``order + 1``
+tensors per part output per block and stream (Wan: 3 per block).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import OptionError
-from ..reconstruction import TaylorReuse
+from ..reconstruction import GRANULARITIES, TaylorReuse
 from ..taylor import MAX_ORDER
 from .base import CallContext, Policy, PolicyConfig, Requirements, check_choice, check_int, is_forced_step
-
-GRANULARITIES = ("stack", "block")
-
 
 @dataclass(frozen=True)
 class TaylorSeerConfig(PolicyConfig):
@@ -37,11 +36,6 @@ class TaylorSeerConfig(PolicyConfig):
         check_int("warmup", self.warmup, minimum=1)
         check_int("final_steps", self.final_steps, minimum=0)
         check_choice("granularity", self.granularity, GRANULARITIES)
-        if self.granularity == "block":
-            raise OptionError(
-                "option 'granularity'='block' (per-block attention/FFN prediction) is not implemented yet; "
-                "use granularity='stack' (Taylor prediction of the whole-stack residual)"
-            )
 
 
 def fixed_schedule(ctx: CallContext, interval: int, warmup: int, final_steps: int) -> bool:
@@ -57,7 +51,8 @@ class TaylorSeerPolicy(Policy):
     config_class = TaylorSeerConfig
 
     def requirements(self) -> Requirements:
-        return Requirements(indicator=None, reconstruction=TaylorReuse(order=self.config.order))
+        return Requirements(indicator=None, reconstruction=TaylorReuse(
+            order=self.config.order, granularity=self.config.granularity))
 
     def decide(self, state, ctx, indicator) -> bool:
         c = self.config

@@ -9,8 +9,10 @@ The blocks are cut into three spans at block boundaries ``a = compute_first`` an
 * ``cached``: blocks ``[a, b)`` less what the head took: what a reuse call skips;
 * ``after``: blocks ``[b, N)`` and the tail: what every call runs after the decision.
 
-The cache holds, per stream value crossing boundary ``b``, the residual against its partner value at
-boundary ``a`` (same shape and dtype, an ancestor).
+What the cache holds depends on the reconstruction's granularity: ``stack``: per stream value
+crossing boundary ``b``, the residual against its partner value at boundary ``a`` (same shape and
+dtype, an ancestor); ``block``: the outputs of the predictable parts of blocks ``[a, b)``
+(:mod:`cachepass.analysis.block_parts`), whose nodes the reuse variant drops.
 
 Invariants: ``head`` is closed under ancestors, so the head graph runs alone; the ``after`` nodes read
 only boundary-``b`` values, head values and graph inputs, so a reuse call can run them.
@@ -18,10 +20,12 @@ only boundary-``b`` values, head values and graph inputs, so a reuse call can ru
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch.fx as fx
 
+from ..analysis.block_parts import find_block_parts
 from ..analysis.dataflow import ancestors_within
 from ..analysis.features import resolve_feature
 from ..analysis.structure import DenoiserStructure
@@ -36,9 +40,11 @@ class Partition:
     cached: set[fx.Node]
     after: set[fx.Node]
     indicator: fx.Node | None
-    pairs: list[tuple[fx.Node, fx.Node]]  # (value at boundary a, value at boundary b)
+    pairs: list[tuple[fx.Node, fx.Node]]  # stack: (value at boundary a, value at boundary b)
     observed: list[fx.Node]
     exported: list[fx.Node]  # head values the variants read, in graph order
+    features: list[fx.Node] = dataclasses.field(default_factory=list)  # block: part outputs cached
+    predicted: set[fx.Node] = dataclasses.field(default_factory=set)  # block: nodes a reuse call drops
 
     @property
     def rest(self) -> set[fx.Node]:
@@ -89,7 +95,19 @@ def partition(structure: DenoiserStructure, requirements: Requirements) -> Parti
 
     cached = {x for x in structure.body if pos_a <= order[x] < pos_b} - head
     after = ({x for x in structure.body if order[x] >= pos_b} | set(structure.tail)) - head
-    pairs = _pair(structure, structure.boundary_values(a), structure.boundary_values(b))
+    pairs, features, predicted = [], [], set()
+    if requirements.reconstruction.granularity == "block":
+        parts = find_block_parts(structure, a, b, cached)
+        features = [n for p in parts for n in p.outputs]
+        predicted = set().union(*(p.nodes for p in parts))
+        if not features:
+            raise UnsupportedStructure(
+                "granularity 'block' found no attention or feed-forward sub-module to predict in the "
+                "cached blocks (no child module doing matrix work on the residual stream); use "
+                "granularity='stack'"
+            )
+    else:
+        pairs = _pair(structure, structure.boundary_values(a), structure.boundary_values(b))
     observed = [resolve_feature(structure, name) for name in requirements.observe]
 
     needed_by_variants = {s for s, _ in pairs} | set(observed)
@@ -99,4 +117,4 @@ def partition(structure: DenoiserStructure, requirements: Requirements) -> Parti
         key=order.__getitem__,
     )
     return Partition(head=head, cached=cached, after=after, indicator=indicator, pairs=pairs,
-                     observed=observed, exported=exported)
+                     observed=observed, exported=exported, features=features, predicted=predicted)
