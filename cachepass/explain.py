@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .analysis.block_parts import find_block_parts
 from .analysis.structure import analyse
 from .analysis.values import example_value, input_name, is_user_input
 from .backend import find_root_module
@@ -33,6 +34,8 @@ class GraphReport:
     indicators: dict[str, str] = field(default_factory=dict)
     indicator_used: str | None = None
     node_counts: dict[str, int] = field(default_factory=dict)
+    block_parts: list[str] = field(default_factory=list)  # child names, e.g. attn1, attn2, ffn
+    block_part_outputs: int = 0
 
     def lines(self) -> list[str]:
         if not self.stacks:
@@ -48,6 +51,9 @@ class GraphReport:
         for key, node in self.indicators.items():
             mark = "  <- used by the policy" if key == self.indicator_used else ""
             out.append(f"indicator {key}: {node}{mark}")
+        parts = ", ".join(self.block_parts) or "none"
+        out.append(f"block parts (predicted at granularity 'block'): {parts}; "
+                   f"{self.block_part_outputs} cached output(s) over all blocks")
         out.append("nodes: " + ", ".join(f"{k} {v}" for k, v in self.node_counts.items()))
         out.append("caching: on" if self.caching else f"caching off: {self.reason}")
         return out
@@ -89,6 +95,10 @@ def _describe(gm, policy) -> GraphReport:
     if structure.timestep_input is not None:
         report.timestep_input = input_name(structure.timestep_input)
     report.indicators = {k: v.name for k, v in structure.indicators.items()}
+    parts = find_block_parts(structure, 0, len(structure.blocks), structure.body)
+    block_names = [b.module.qualified_name for b in structure.blocks]
+    report.block_parts = list(dict.fromkeys(p.name[len(block_names[p.block]) + 1:] for p in parts))
+    report.block_part_outputs = sum(len(p.outputs) for p in parts)
     requirements = policy.requirements()
     report.indicator_used = requirements.indicator
     try:

@@ -181,6 +181,8 @@ def test_explain_reports_the_structure():
     assert "3 x FluxSingleTransformerBlock in 'single_transformer_blocks'" in text
     assert "timestep input: timestep" in text
     assert "residual stream: hidden_states ['1', '16', '16'] float32" in text
+    assert "block parts (predicted at granularity 'block'): attn, ff, ff_context, proj_mlp, proj_out; " \
+           "11 cached output(s)" in text
     off = cachepass.explain(NoStack(), torch.randn(1, 2, 8), torch.tensor([1.0]))
     assert not off.caching and "no block stack" in str(off)
 
