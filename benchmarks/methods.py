@@ -4,7 +4,8 @@ A method is written ``TOOL-ALGO[+compile][:key=value,...]``; a value ``a|b|c`` s
 
 * ``eager``, ``compile``: full compute, plain or under ``torch.compile`` (``--backend``, inductor);
 * ``cachepass:POLICY[:options]``: ``torch.compile(model, backend="cachepass", options=...)``, inner
-  compiler ``--backend``; always compiled;
+  compiler ``--backend``; always compiled; ``target_speedup`` / ``target_steps`` / ``max_error`` first run
+  ``cachepass.calibrate`` on the workload (one full generation) and compile with the profile;
 * ``diffusers-fbcache``, ``diffusers-taylorseer``, ``diffusers-magcache``: diffusers' own hooks,
   ``transformer.enable_cache(FirstBlockCacheConfig / TaylorSeerCacheConfig / MagCacheConfig)``;
 * ``cache-dit-dbcache``, ``cache-dit-dbcache-taylorseer``: ``cache_dit.enable_cache(pipe, DBCacheConfig,
@@ -41,6 +42,8 @@ GROUPS: dict[str, list[str]] = {
         "cachepass:fbcache:threshold=0.05|0.1|0.2",
         "cachepass:dbcache:threshold=0.08|0.15|0.3",
         "cachepass:dbcache:taylor=1,threshold=0.08|0.15|0.3",
+        "cachepass:teacache:target_speedup=2|3",
+        "cachepass:magcache:target_speedup=2|3",
     ],
     "diffusers": [
         "diffusers-fbcache:threshold=0.05|0.1|0.2",
@@ -58,6 +61,9 @@ GROUPS: dict[str, list[str]] = {
     ],
 }
 GROUPS["all"] = [m for g in ("full", "cachepass", "diffusers", "cache-dit") for m in GROUPS[g]]
+
+#: Options of a ``cachepass:`` row that calibrate the policy on the workload first (``cachepass.calibrate``).
+CALIBRATION_TARGETS = ("target_speedup", "target_steps", "max_error")
 
 DIFFUSERS_ALGOS = {"fbcache": "FirstBlockCache", "taylorseer": "TaylorSeerCache", "magcache": "MagCache"}
 CACHE_DIT_ALGOS = {"dbcache": "DBCache", "dbcache-taylorseer": "DBCache+TaylorSeer"}
@@ -195,6 +201,15 @@ class CachePass(Applied):
         if "cachepass" not in list_backends(exclude_tags=()):  # a source checkout, not installed
             register_backend(cachepass.cachepass_backend, name="cachepass")
         options = {"policy": self.spec.algo, "inner": self.backend, **self.spec.options}
+        targets = {k: options.pop(k) for k in CALIBRATION_TARGETS if k in options}
+        if targets:  # calibrate on this workload first: one full generation, replayed (no check run)
+            knobs = {k: options[k] for k in ("max_skip_steps", "retention_ratio") if k in options}
+            profile = cachepass.calibrate(generate, self.model, policy=self.spec.algo, check=False, **targets,
+                                          **knobs)
+            self.notes.append(f"calibrated: threshold {profile.options['threshold']:.4g}, "
+                              f"predicted {profile.report['predicted']['computed_steps']} computed steps")
+            options["profile"] = profile
+            reset_dynamo_counters()  # the recording's compile is not part of the row
         self.pipe.transformer = torch.compile(self.model, backend="cachepass", options=options)
 
     def between_generations(self) -> None:
@@ -306,6 +321,11 @@ APPLIERS = {"full": Full, "cachepass": CachePass, "diffusers": Diffusers, "cache
 
 def make(spec: Spec, pipe, model, backend: str, steps: int) -> Applied:
     return APPLIERS[spec.tool](spec, pipe, model, backend, steps)
+
+
+def reset_dynamo_counters() -> None:
+    torch._dynamo.utils.counters.clear()
+    torch._dynamo.utils.clear_compilation_metrics()
 
 
 def snapshot_compile_configs() -> tuple[dict, dict]:

@@ -18,6 +18,7 @@ import torch.fx as fx
 from ._logging import get_logger
 from .analysis.structure import analyse
 from .analysis.values import source_name
+from .distributed import DecisionSync
 from .errors import OptionError, UnsupportedStructure
 from .options import Settings, parse_options
 from .runtime.program import CachedProgram
@@ -77,6 +78,8 @@ def compile_with_settings(gm: fx.GraphModule, example_inputs: Sequence, settings
     """Build the cache-aware program for one Dynamo graph (or the fallback)."""
     root = find_root_module(gm)
     runtime = runtime_for(root if root is not None else gm)
+    if root is not None:
+        settings.policy.check_model(root)
     if torch.is_grad_enabled():
         return _fallback(gm, example_inputs, settings,
                          "grad mode is on (caching is for inference: run under torch.no_grad() "
@@ -105,7 +108,8 @@ def compile_with_settings(gm: fx.GraphModule, example_inputs: Sequence, settings
             "counts as a new step of one stream; pass num_steps=... or call cachepass.reset(model) "
             "between generations."
         )
-    state = ProgramState(settings.policy, requirements.reconstruction, settings.num_steps)
+    state = ProgramState(settings.policy, requirements.reconstruction, settings.num_steps,
+                         DecisionSync(settings.sync, settings.process_group))
     runtime.programs.append(state)
     program = CachedProgram(
         pieces["head"], pieces["compute"], pieces["reuse"], state=state,

@@ -1,4 +1,4 @@
-"""The ``cachepass`` command: ``cachepass demo`` (more commands join as they land)."""
+"""The ``cachepass`` command: ``cachepass demo``, ``cachepass calibrate`` (more commands join as they land)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,20 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--inner", default="eager", help="compiler of the graph variants (eager, inductor)")
     demo.add_argument("--repeats", type=int, default=1, help="timed runs per row (median)")
     demo.add_argument("--out", default="cachepass-out", help="folder for the animation and chart")
+    cal = sub.add_parser("calibrate", help="calibrate teacache or magcache on the embedded digits model")
+    cal.add_argument("--policy", choices=["teacache", "magcache"], default="teacache")
+    target = cal.add_mutually_exclusive_group()
+    target.add_argument("--target-speedup", type=float, default=None, help="computed steps <= steps / this")
+    target.add_argument("--target-steps", type=int, default=None, help="computed steps per stream")
+    target.add_argument("--max-error", type=float, default=None, help="predicted relative L1 of the stack output")
+    cal.add_argument("--steps", type=int, default=50)
+    cal.add_argument("--digits", type=int, nargs="+", default=[0, 3, 5, 8])
+    cal.add_argument("--generations", type=int, default=1, help="recorded full generations (seeds 0, 1, ...)")
+    cal.add_argument("--degree", type=int, default=4, help="teacache polynomial degree")
+    cal.add_argument("--indicator", default="timestep_embedding", choices=["timestep_embedding", "modulated_input"])
+    cal.add_argument("--compare", action="store_true",
+                     help="also compare default and calibrated teacache at the same computed steps (PSNR)")
+    cal.add_argument("--out", default="cachepass-out/digits-profile.json", help="where the profile is written")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     if args.command == "demo":
@@ -24,6 +38,13 @@ def main(argv: list[str] | None = None) -> int:
 
         run_demo(steps=args.steps, digits=tuple(args.digits), policies=args.policies, inner=args.inner,
                  repeats=args.repeats, out_dir=args.out)
+    elif args.command == "calibrate":
+        from .calibration.example import calibrate_digits
+
+        calibrate_digits(args.policy, steps=args.steps, digits=tuple(args.digits), out=args.out,
+                         compare=args.compare, generations=args.generations, target_speedup=args.target_speedup,
+                         target_steps=args.target_steps, max_error=args.max_error,
+                         **({"degree": args.degree, "indicator": args.indicator} if args.policy == "teacache" else {}))
     return 0
 
 

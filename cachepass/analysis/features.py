@@ -7,6 +7,11 @@ Names: ``block_output:K`` (the first stream tensor leaving block ``K``) and ``at
 ``frame_grid`` (no index) is the 5-d ``(batch, channels, frames, height, width)`` latent the stream's
 tokens are patched from (Wan's patch-embedding output): its shape tells a policy how many tokens make
 one frame, which no ``(batch, tokens, width)`` stream tensor can.
+
+``stream_input`` / ``stream_output`` (no index) are the first residual-stream tensor entering and
+leaving the whole block stack: their difference is the residual a reuse replays, so calibration
+records them. ``indicator:NAME`` is an indicator the analysis found (``timestep_embedding``,
+``modulated_input``, ``first_block_output``), for a policy that compares several candidates.
 """
 
 from __future__ import annotations
@@ -51,7 +56,15 @@ def _frame_grid(structure) -> fx.Node:
 def resolve_feature(structure, name: str) -> fx.Node:
     if name == "frame_grid":
         return _frame_grid(structure)
+    if name in ("stream_input", "stream_output"):
+        first = structure.stream[0]
+        return first.input if name == "stream_input" else first.output
     kind, _, token = name.partition(":")
+    if kind == "indicator":
+        if token not in structure.indicators:
+            found = ", ".join(sorted(structure.indicators)) or "none"
+            raise UnsupportedStructure(f"feature {name!r}: this model has no indicator {token!r} (found: {found})")
+        return structure.indicators[token]
     block = structure.blocks[_block_index(structure, token)]
     members = set(block.nodes)
     if kind == "block_output":
@@ -74,6 +87,7 @@ def resolve_feature(structure, name: str) -> fx.Node:
                 return last
     else:
         raise UnsupportedStructure(
-            f"unknown feature {name!r}: use block_output:K, attention_output:K or frame_grid"
+            f"unknown feature {name!r}: use block_output:K, attention_output:K, indicator:NAME, frame_grid, "
+            "stream_input or stream_output"
         )
     raise UnsupportedStructure(f"feature {name!r} not found in block {block.module.qualified_name!r}")

@@ -71,6 +71,12 @@ def run_demo(
         log(f"[{i}/{total}] policy {name}")
         torch._dynamo.reset()
         options = {"policy": name, "inner": inner, **DEMO_OPTIONS.get(name, {})}
+        if name == "magcache":  # its ratios are per model: measured from one full generation, defaults otherwise
+            from ..calibration import magnitude_ratios, record
+
+            pipe.transformer = model
+            run = lambda: generate(pipe, digits, num_inference_steps=steps, seed=seed)  # noqa: E731
+            options["mag_ratios"] = magnitude_ratios(record(run, model, inner=inner))
         pipe.transformer = torch.compile(model, backend="cachepass", options=options)
         with torch.no_grad():
             generate(pipe, digits, num_inference_steps=steps, seed=seed)  # warm-up: compiles, learns steps

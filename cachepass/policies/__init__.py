@@ -8,6 +8,7 @@ from .customcache import CustomCachePolicy
 from .dbcache import DBCachePolicy
 from .fbcache import FBCachePolicy
 from .interval import IntervalPolicy
+from .magcache import MagCachePolicy
 from .none import NonePolicy
 from .taylorseer import TaylorSeerPolicy
 from .teacache import TeaCachePolicy
@@ -24,6 +25,7 @@ POLICIES: dict[str, type[Policy]] = {
         CustomCachePolicy,
         FBCachePolicy,
         DBCachePolicy,
+        MagCachePolicy,
     )
 }
 

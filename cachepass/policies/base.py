@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..distributed import LOCAL, DecisionSync
 from ..errors import OptionError
 from ..reconstruction import Reconstruction, ResidualReuse
 
@@ -50,13 +51,19 @@ class Requirements:
 
 @dataclass(frozen=True)
 class CallContext:
-    """Where one denoiser call sits in the sampling loop, as the step tracker inferred it."""
+    """Where one denoiser call sits in the sampling loop, as the step tracker inferred it.
+
+    ``sync`` sums a decision's statistics over the ranks that must decide together (sequence
+    parallelism; identity on one process): a policy stacks every sum one decision reads into one tensor
+    and calls ``ctx.sync.reduce`` once (see :mod:`cachepass.distributed`).
+    """
 
     generation: int
     step: int
     stream: int
     num_steps: int | None
     timestep: float | None
+    sync: DecisionSync = LOCAL
 
     @property
     def is_last_step(self) -> bool:
@@ -94,6 +101,10 @@ class Policy(ABC):
 
     def after_compute(self, state: Any, ctx: CallContext, observed: list[torch.Tensor]) -> None:
         """Called after each compute call with the tensors named in ``Requirements.observe``."""
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Called at compile time with the user's module when it is known (a calibrated policy warns when
+        its profile was made for another model)."""
 
 
 # --- option checking helpers shared by every policy config -------------------------------------

@@ -11,7 +11,7 @@ output change; reuse the cached residual while ``acc < threshold``, else compute
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -40,23 +40,50 @@ INDICATOR_CHOICES = ("timestep_embedding", "modulated_input")
 RET_WARMUP = 5  # steps forced with ret_steps=True
 
 
+#: What ``threshold``, ``indicator`` and ``ret_steps`` mean when neither the user nor a profile sets them.
+UNSET_DEFAULTS = {"threshold": 0.2, "indicator": "timestep_embedding", "ret_steps": False}
+
+
 @dataclass(frozen=True)
 class TeaCacheConfig(PolicyConfig):
-    threshold: float = 0.2
-    indicator: str = "timestep_embedding"
-    coefficients: Any = None  # preset name or 5 floats; None: "wan2.1-t2v-1.3b" (+"-ret" with ret_steps)
-    ret_steps: bool = False
+    threshold: float | None = None  # None: the profile's, else 0.2
+    indicator: str | None = None  # None: the profile's, else "timestep_embedding"
+    coefficients: Any = None  # preset name or floats; None: the profile's, else "wan2.1-t2v-1.3b" (+"-ret")
+    ret_steps: bool | None = None  # None: the profile's, else False
+    profile: Any = None  # calibration profile (path or cachepass.calibration.Profile) from cachepass.calibrate
 
     def validate(self) -> None:
-        check_float("threshold", self.threshold, minimum=0.0)
-        check_choice("indicator", self.indicator, INDICATOR_CHOICES)
-        check_bool("ret_steps", self.ret_steps)
-        resolve_coefficients(self.coefficients, self.ret_steps)
+        self.resolved()
+
+    def resolved(self) -> "TeaCacheConfig":
+        """The options in effect: those given win, a profile fills the rest, defaults fill what is left.
+
+        The profile's coefficients were fitted on its indicator, so asking for another indicator with it
+        is an error rather than a silent mismatch."""
+        from ..calibration.profile import fill_options
+
+        # only options whose class default is None are filled: a subclass's own default (customcache's
+        # threshold 0.26) stays, and None given for it is still an error
+        fillable = {f.name for f in fields(self) if f.default is None}
+        defaults = {k: v for k, v in {**UNSET_DEFAULTS, "coefficients": None}.items() if k in fillable}
+        config, profile = fill_options(self, "teacache", defaults)
+        if profile is not None and self.indicator is not None and self.indicator != profile.options["indicator"]:
+            raise OptionError(
+                f"option 'indicator' is {self.indicator!r} but the profile {profile.source} was fitted on "
+                f"{profile.options['indicator']!r}; leave 'indicator' unset or calibrate with "
+                f"indicator={self.indicator!r}"
+            )
+        check_float("threshold", config.threshold, minimum=0.0)
+        check_choice("indicator", config.indicator, INDICATOR_CHOICES)
+        check_bool("ret_steps", config.ret_steps)
+        resolve_coefficients(config.coefficients, config.ret_steps)
+        return config
 
 
 def resolve_coefficients(value: Any, ret_steps: bool, warn: bool = False) -> tuple[float, ...]:
-    """The 5 polynomial coefficients for the option ``coefficients`` (``None``: the T2V 1.3B set that
-    matches ``ret_steps``). A preset fitted for the other ``ret_steps`` setting only warns."""
+    """The polynomial coefficients for the option ``coefficients`` (``None``: the T2V 1.3B set that
+    matches ``ret_steps``), highest power first. A preset fitted for the other ``ret_steps`` setting only
+    warns. Presets have 5 (degree 4); a calibrated polynomial may have another degree."""
     if value is None:
         value = "wan2.1-t2v-1.3b-ret" if ret_steps else "wan2.1-t2v-1.3b"
     if isinstance(value, str):
@@ -73,9 +100,10 @@ def resolve_coefficients(value: Any, ret_steps: bool, warn: bool = False) -> tup
         coeffs = tuple(value)
     except TypeError:
         coeffs = ()
-    if len(coeffs) != 5 or not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in coeffs):
+    if not coeffs or not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in coeffs):
         raise OptionError(
-            f"option 'coefficients' must be a list of 5 numbers (numpy.poly1d order, highest power first) "
+            f"option 'coefficients' must be a list of numbers (numpy.poly1d order, highest power first; 5 for "
+            f"TeaCache's degree 4) "
             f"or one of {', '.join(map(repr, COEFFICIENT_PRESETS))}; got {value!r}"
         )
     return tuple(float(c) for c in coeffs)
@@ -93,8 +121,13 @@ class TeaCachePolicy(Policy):
     config_class = TeaCacheConfig
 
     def __init__(self, config: TeaCacheConfig) -> None:
+        config = config.resolved()
         super().__init__(config)
         self.poly = np.poly1d(resolve_coefficients(config.coefficients, config.ret_steps, warn=True))
+
+    def check_model(self, model) -> None:
+        if self.config.profile is not None:
+            self.config.profile.check_model(model)
 
     def requirements(self) -> Requirements:
         return Requirements(indicator=self.config.indicator)
@@ -108,11 +141,13 @@ class TeaCachePolicy(Policy):
         return is_forced_step(ctx, 1, 1)
 
     def decide(self, state: TeaCacheState, ctx: CallContext, indicator) -> bool:
+        if ctx.step == 0 and self.config.profile is not None:
+            self.config.profile.check_steps(ctx.num_steps)
         previous, state.previous = state.previous, indicator.detach().clone()
         if self.forced(ctx) or previous is None:
             state.accumulated = 0.0
             return True
-        change = float(self.poly(relative_l1(indicator, previous)))
+        change = float(self.poly(relative_l1(indicator, previous, ctx.sync)))
         state.distances.append(change)
         state.accumulated += change
         if math.isfinite(change) and state.accumulated < self.config.threshold:

@@ -1,0 +1,155 @@
+"""``cachepass.calibrate``: record, fit, choose the threshold, check once, return a :class:`Profile`."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from .._logging import get_logger
+from ..api import stats
+from ..backend import CachepassBackend
+from ..errors import OptionError
+from ..policies.distance import relative_l1
+from ..policies.magcache import UNSET_DEFAULTS as MAGCACHE_DEFAULTS
+from ..policies.magcache import MagCacheConfig, MagCachePolicy
+from ..policies.teacache import TeaCacheConfig, TeaCachePolicy
+from .fit import fit_teacache, magnitude_ratios
+from .profile import POLICIES, Profile
+from .record import INDICATOR_CANDIDATES, Recording, call_run, intercept, output_tensor, plain_module, record
+from .threshold import ThresholdSearch
+
+log = get_logger(__name__)
+
+
+def compute_budget(num_steps: int, target_speedup: float | None, target_steps: int | None) -> int:
+    """Computed steps per stream allowed by a target: ``floor(num_steps / target_speedup)`` (so the
+    speedup in computed steps is at least the target) or ``target_steps`` as given."""
+    if target_steps is not None:
+        return target_steps
+    return max(1, math.floor(num_steps / target_speedup + 1e-9))
+
+
+def _check_targets(target_speedup, target_steps, max_error) -> tuple:
+    given = [n for n, v in (("target_speedup", target_speedup), ("target_steps", target_steps),
+                            ("max_error", max_error)) if v is not None]
+    if len(given) > 1:
+        raise OptionError(f"give one target, not {' and '.join(given)}")
+    if not given:
+        target_speedup = 2.0
+    if target_speedup is not None and not (isinstance(target_speedup, (int, float)) and target_speedup >= 1):
+        raise OptionError(f"target_speedup must be a number >= 1, got {target_speedup!r}")
+    if target_steps is not None and (isinstance(target_steps, bool) or not isinstance(target_steps, int)
+                                     or target_steps < 1):
+        raise OptionError(f"target_steps must be a positive integer, got {target_steps!r}")
+    if max_error is not None and not (isinstance(max_error, (int, float)) and max_error > 0):
+        raise OptionError(f"max_error must be a number > 0 (relative L1), got {max_error!r}")
+    return target_speedup, target_steps, max_error
+
+
+def _search(policy: str, recording: Recording, indicator: str, degree: int, options: dict):
+    """The policy family to search over, its fixed options and the fit report."""
+    if policy == "teacache":
+        fit = fit_teacache(recording, indicator, degree)
+        others = {i: round(fit_teacache(recording, i, degree).r2, 6) for i in recording.indicators}
+        fixed = {"indicator": indicator, "coefficients": list(fit.coefficients), "ret_steps": False}
+
+        def make(thr):
+            return TeaCachePolicy(TeaCacheConfig(threshold=thr, **fixed))
+
+        return ThresholdSearch(make, recording, indicator), fixed, {**fit.to_dict(), "r2_by_indicator": others}
+    ratios = magnitude_ratios(recording)
+    fixed = {key: options.get(key, MAGCACHE_DEFAULTS[key]) for key in ("max_skip_steps", "retention_ratio")}
+    fixed["mag_ratios"] = ratios
+
+    def make(thr):
+        return MagCachePolicy(MagCacheConfig(threshold=thr, **fixed))
+
+    # how far single generations stray from the mean ratios (MagCache's premise: prompt-independent ratios)
+    spread = [max(abs(a - b) for a, b in zip(t.magnitude_ratio, ratios[t.stream])) for t in recording.trajectories]
+    return ThresholdSearch(make, recording, None), fixed, {"max_ratio_deviation": round(max(spread), 6)}
+
+
+def _check(run, model, profile: Profile, recording: Recording, inner) -> dict:
+    """One real generation with the calibrated policy: computed steps per stream, and the output's relative
+    L1 against the first recorded (fully computed) generation when ``run`` returns a tensor."""
+    backend = CachepassBackend(policy=profile.policy, profile=profile, inner=inner, num_steps=profile.num_steps)
+    with intercept(model, backend):
+        out = output_tensor(call_run(run, 0))
+        streams = stats(model).streams
+    measured: dict = {"computed_steps": [len(s.computed_steps) for s in streams]}
+    reference = recording.outputs[0] if recording.outputs else None
+    if out is not None and reference is not None and out.shape == reference.shape:
+        measured["output_rel_l1"] = round(relative_l1(out, reference), 6)
+    return measured
+
+
+def calibrate(
+    run: Callable,
+    model: torch.nn.Module,
+    *,
+    policy: str = "teacache",
+    target_speedup: float | None = None,
+    target_steps: int | None = None,
+    max_error: float | None = None,
+    indicator: str = "timestep_embedding",
+    degree: int = 4,
+    generations: int = 1,
+    window: int = 8,
+    check: bool = True,
+    inner="eager",
+    recording: Recording | None = None,
+    **options,
+) -> Profile:
+    """Fit ``policy`` (``"teacache"`` or ``"magcache"``) to ``model`` and pick its threshold for a target.
+
+    ``run`` does one whole generation with ``model`` (``lambda: pipe(...)``; a callable taking one argument
+    gets the generation index). It is run ``generations`` times with every step computed (seed it: the
+    check compares against the first), the fit and the threshold come from replaying those trajectories,
+    and with ``check`` one more cached generation measures what the prediction said. Give one target:
+    ``target_speedup`` (computed steps per stream at most ``floor(steps / target_speedup)``; 2.0 when no
+    target is given), ``target_steps`` (that many computed steps per stream) or ``max_error`` (predicted
+    mean relative L1 error of the block-stack output per call). ``recording`` reuses an earlier
+    :func:`record` instead of recording again. ``options``: ``max_skip_steps``, ``retention_ratio`` for
+    magcache (``max_skip_steps`` left unset is raised from 4 until the compute target is reachable). Returns a :class:`Profile`; ``profile.save(path)`` and ``options={"profile": path}``.
+    """
+    if policy not in POLICIES:
+        raise OptionError(f"calibrate: policy must be one of {', '.join(map(repr, POLICIES))}; got {policy!r}")
+    unknown = sorted(set(options) - ({"max_skip_steps", "retention_ratio"} if policy == "magcache" else set()))
+    if unknown:
+        raise OptionError(f"calibrate: unknown option(s) {', '.join(map(repr, unknown))} for policy {policy!r}")
+    if indicator not in INDICATOR_CANDIDATES:
+        raise OptionError(f"calibrate: indicator must be one of {', '.join(map(repr, INDICATOR_CANDIDATES))}; "
+                          f"got {indicator!r}")
+    target_speedup, target_steps, max_error = _check_targets(target_speedup, target_steps, max_error)
+    model = plain_module(model)
+    if recording is None:
+        recording = record(run, model, generations=generations, window=window, inner=inner)
+    n = recording.num_steps
+    budget = None if max_error is not None else compute_budget(n, target_speedup, target_steps)
+    search, fixed, fit_report = _search(policy, recording, indicator, degree, options)
+    if policy == "magcache" and budget is not None and "max_skip_steps" not in options:
+        while search.count(math.inf) > budget and fixed["max_skip_steps"] < n:  # K caps the skipping: raise it
+            options = {**options, "max_skip_steps": fixed["max_skip_steps"] + 1}
+            search, fixed, fit_report = _search(policy, recording, indicator, degree, options)
+    if budget is None:
+        chosen, target = search.for_error(max_error), {"max_error": max_error}
+    else:
+        chosen = search.for_steps(budget)
+        target = {"computed_steps": budget, **({"speedup": target_speedup} if target_speedup else {})}
+    report = {
+        "fit": fit_report,
+        "target": target,
+        "predicted": {"computed_steps": chosen.computed_per_stream(), "stack_error": round(chosen.error, 6)},
+        "recording": {"generations": len({t.generation for t in recording.trajectories}),
+                      "streams": recording.streams, "window": recording.window},
+    }
+    profile = Profile(policy, {"threshold": chosen.threshold, **fixed}, n, recording.model, report)
+    profile = Profile.from_dict(profile.to_dict(), "<calibrated>")  # what a saved profile would load as
+    if check:
+        report["measured"] = _check(run, model, profile, recording, inner)
+        profile.report = report
+    log.info("calibration: %s threshold %.6g; predicted %s, measured %s", policy, chosen.threshold,
+             report["predicted"], report.get("measured"))
+    return profile

@@ -1,0 +1,150 @@
+"""``magcache``: skip while the error predicted from calibrated residual magnitude ratios stays small.
+
+MagCache (Ma et al., arXiv 2506.09045; github.com/Zehong-Ma/MagCache). Calibration measures, per step
+``t`` and stream, the magnitude ratio of successive block-stack residuals
+``gamma_t = mean_tokens(|R_t| / |R_{t-1}|)`` (norms over the channel axis). Those ratios are nearly the
+same for every prompt of a model, so the decision needs no run-time statistic at all: reusing the
+residual of step ``t0`` at step ``t`` is estimated to be off by ``|1 - prod_{t0<s<=t} gamma_s|``. Per
+call and stream, after the retention steps:
+
+```
+acc_ratio *= gamma_t;  acc_steps += 1;  acc_err += |1 - acc_ratio|
+reuse while acc_err <= threshold and acc_steps <= max_skip_steps; otherwise compute and reset all three
+```
+
+The first ``int(retention_ratio * N + 0.5)`` steps are always computed. Since the schedule depends only on
+the step index, every stream (and every process of a sequence-parallel run) decides the same way from
+the same ratios without exchanging anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from .._logging import get_logger
+from ..errors import OptionError
+from .base import CallContext, Policy, PolicyConfig, Requirements, check_float, check_int
+
+log = get_logger(__name__)
+
+
+#: What the options mean when neither the user nor a profile sets them: MagCache's Wan2.1 T2V 1.3B
+#: setting (E012K4R02: threshold 0.12, K 4, retention ratio 0.2).
+UNSET_DEFAULTS = {"threshold": 0.12, "max_skip_steps": 4, "retention_ratio": 0.2, "mag_ratios": None}
+
+
+@dataclass(frozen=True)
+class MagCacheConfig(PolicyConfig):
+    threshold: float | None = None  # None: the profile's, else 0.12
+    max_skip_steps: int | None = None  # K, consecutive reuses at most; None: the profile's, else 4
+    retention_ratio: float | None = None  # first steps always computed; None: the profile's, else 0.2
+    mag_ratios: Any = None  # per step (all streams) or per stream, per step; None: the profile's
+    profile: Any = None  # a calibration profile (path or cachepass.calibration.Profile) with the ratios
+
+    def validate(self) -> None:
+        self.resolved()
+
+    def resolved(self) -> "MagCacheConfig":
+        """The options in effect: those given win, a profile fills the rest, defaults fill what is left."""
+        from ..calibration.profile import fill_options
+
+        config, _ = fill_options(self, "magcache", UNSET_DEFAULTS)
+        check_float("threshold", config.threshold, minimum=0.0)
+        check_int("max_skip_steps", config.max_skip_steps, minimum=0)
+        check_float("retention_ratio", config.retention_ratio, minimum=0.0)
+        if config.retention_ratio > 1:
+            raise OptionError(f"option 'retention_ratio' must be in [0, 1], got {config.retention_ratio}")
+        if config.mag_ratios is None:
+            raise OptionError(
+                "policy 'magcache' needs the model's magnitude ratios: pass profile=PATH (from "
+                "cachepass.calibrate(..., policy='magcache') or `cachepass calibrate`) or mag_ratios=[...]"
+            )
+        return replace(config, mag_ratios=ratios_per_stream(config.mag_ratios))
+
+
+def ratios_per_stream(value: Any) -> list[list[float]]:
+    """The option ``mag_ratios`` as one list of per-step ratios per stream (a flat list: all streams)."""
+    rows = value if value and all(isinstance(v, (list, tuple)) for v in value) else [value]
+    try:
+        out = [[float(r) for r in row] for row in rows]
+        ok = all(row and all(r > 0 for r in row) and not any(isinstance(r, bool) for r in row) for row in rows)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise OptionError(
+            "option 'mag_ratios' must be a non-empty list of positive numbers (one per step) or a list of such "
+            f"lists (one per stream); got {value!r}"
+        )
+    return out
+
+
+def nearest_resample(ratios: list[float], length: int) -> list[float]:
+    """Ratios calibrated for ``len(ratios)`` steps stretched to ``length`` steps by nearest index, as the
+    original implementation does when the step count changes (an approximation: recalibrate instead)."""
+    if length == len(ratios):
+        return list(ratios)
+    if length == 1:
+        return [ratios[-1]]
+    scale = (len(ratios) - 1) / (length - 1)
+    return [ratios[int(round(i * scale))] for i in range(length)]
+
+
+@dataclass
+class MagCacheState:
+    ratio: float = 1.0
+    steps: int = 0
+    error: float = 0.0
+
+    def reset(self) -> None:
+        self.ratio, self.steps, self.error = 1.0, 0, 0.0
+
+
+class MagCachePolicy(Policy):
+    name = "magcache"
+    config_class = MagCacheConfig
+
+    def __init__(self, config: MagCacheConfig) -> None:
+        super().__init__(config.resolved())
+        self.calibrated_steps = len(self.config.mag_ratios[0])
+        self._resampled: dict[tuple[int, int], list[float]] = {}
+
+    def requirements(self) -> Requirements:
+        return Requirements(indicator=None)
+
+    def new_state(self) -> MagCacheState:
+        return MagCacheState()
+
+    def check_model(self, model) -> None:
+        if self.config.profile is not None:
+            self.config.profile.check_model(model)
+
+    def ratios(self, stream: int, num_steps: int) -> list[float]:
+        """This stream's ratios for ``num_steps`` steps (the last calibrated stream's for extra streams)."""
+        key = (stream, num_steps)
+        if key not in self._resampled:
+            table = self.config.mag_ratios
+            if stream >= len(table) and len(table) > 1:
+                log.warning("magcache: stream %d has no calibrated ratios (%d streams calibrated); using "
+                            "stream %d's", stream, len(table), len(table) - 1)
+            if num_steps != self.calibrated_steps:
+                log.warning(
+                    "magcache: the ratios were calibrated for %d steps but this generation has %d; they are "
+                    "resampled by nearest step, which only approximates the model. Calibrate again for %d "
+                    "steps (cachepass.calibrate).", self.calibrated_steps, num_steps, num_steps)
+            self._resampled[key] = nearest_resample(table[min(stream, len(table) - 1)], num_steps)
+        return self._resampled[key]
+
+    def decide(self, state: MagCacheState, ctx: CallContext, indicator) -> bool:
+        n = ctx.num_steps or self.calibrated_steps
+        if ctx.step == 0 or ctx.step < int(self.config.retention_ratio * n + 0.5):
+            state.reset()
+            return True
+        ratios = self.ratios(ctx.stream, n)
+        state.ratio *= ratios[ctx.step] if ctx.step < len(ratios) else 1.0
+        state.steps += 1
+        state.error += abs(1.0 - state.ratio)
+        if state.error <= self.config.threshold and state.steps <= self.config.max_skip_steps:
+            return False
+        state.reset()
+        return True

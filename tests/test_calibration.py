@@ -1,0 +1,271 @@
+"""Calibration on synthetic trajectories and tiny models: the fit, the threshold choice, profiles, magcache."""
+
+import json
+import logging
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import cachepass
+from cachepass.calibration import (
+    ModelFingerprint, Profile, Recording, ThresholdSearch, Trajectory, fit_teacache, load_profile,
+    magnitude_ratios, record,
+)
+from cachepass.calibration.api import _search, compute_budget
+from cachepass.options import parse_options
+from cachepass.policies.base import CallContext
+from cachepass.policies.magcache import nearest_resample
+from tiny_models import tiny_wan, wan_inputs
+
+KNOWN = (30.0, -12.0, 2.5, 0.4, 0.01)  # numpy.poly1d order
+
+
+def synthetic_recording(steps=50, streams=2, generations=2, seed=0, poly=KNOWN) -> Recording:
+    """Trajectories whose one-step reuse error is exactly ``poly(indicator change)``; longer spans add up."""
+    rng = random.Random(seed)
+    trajs = []
+    for g in range(generations):
+        for s in range(streams):
+            x = [math.nan] + [rng.uniform(0.01, 0.2) for _ in range(steps - 1)]
+            step_err = [0.0] + [float(np.polyval(poly, v)) for v in x[1:]]
+            reuse = {(t0, t): sum(step_err[t0 + 1:t + 1]) for t in range(steps) for t0 in range(max(0, t - 8), t)}
+            ratios = [1.0] + [rng.uniform(0.95, 1.05) for _ in range(steps - 1)]
+            trajs.append(Trajectory(g, s, 8, timesteps=[1000.0 - 20 * i for i in range(steps)],
+                                    indicator_change={"timestep_embedding": x}, output_mean=[1.0] * steps,
+                                    magnitude_ratio=ratios, reuse_abs=reuse))
+    return Recording(trajs, steps, ("timestep_embedding",), 8, ModelFingerprint("Toy", 1, "0" * 32), [None])
+
+
+# --- the fit --------------------------------------------------------------------------------------
+
+def test_fit_recovers_known_coefficients():
+    fit = fit_teacache(synthetic_recording(), "timestep_embedding", degree=4)
+    np.testing.assert_allclose(fit.coefficients, KNOWN, rtol=1e-6, atol=1e-9)
+    assert fit.r2 > 0.999999 and fit.relative_rms < 1e-6 and fit.points == 4 * 49
+
+
+def test_fit_degree_is_selectable_and_reports_a_worse_fit_when_too_low():
+    rec = synthetic_recording()
+    assert fit_teacache(rec, "timestep_embedding", degree=2).degree == 2
+    assert fit_teacache(rec, "timestep_embedding", degree=1).r2 < fit_teacache(rec, "timestep_embedding", 4).r2
+
+
+def test_reuse_error_beyond_the_window_is_a_triangle_bound():
+    traj = synthetic_recording(generations=1, streams=1).trajectories[0]
+    assert traj.reuse_error(0, 20) == pytest.approx(traj.reuse_error(0, 8) + traj.reuse_error(8, 16)
+                                                    + traj.reuse_error(16, 20))
+
+
+def test_magnitude_ratios_are_the_mean_over_generations():
+    rec = synthetic_recording()
+    table = magnitude_ratios(rec)
+    assert len(table) == 2 and len(table[0]) == 50
+    a, b = rec.trajectories[0].magnitude_ratio, rec.trajectories[2].magnitude_ratio
+    assert table[0][7] == pytest.approx((a[7] + b[7]) / 2)
+
+
+# --- choosing the threshold -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("policy", ["teacache", "magcache"])
+def test_threshold_meets_the_compute_budget_exactly(policy):
+    rec = synthetic_recording()
+    search, _, _ = _search(policy, rec, "timestep_embedding", 4, {})
+    fewest = search.count(math.inf)
+    for steps in range(fewest, 40, 2):
+        chosen = search.for_steps(steps)
+        assert chosen.max_computed == steps, (steps, chosen.computed_per_stream())
+        assert search.replay(chosen.threshold).computed == chosen.computed
+
+
+def test_threshold_replay_is_the_policy_itself():
+    """The replayed schedule equals what TeaCachePolicy decides on the same indicator values."""
+    rec = synthetic_recording(generations=1, streams=1)
+    search, fixed, _ = _search("teacache", rec, "timestep_embedding", 4, {})
+    chosen = search.for_steps(15)
+    policy = parse_options({"policy": "teacache", "threshold": chosen.threshold, **fixed}).policy
+    state, value, computed = policy.new_state(), torch.ones(3, dtype=torch.float64) * 2, []
+    traj = rec.trajectories[0]
+    for step in range(50):
+        if step:
+            value = value * (1 + traj.indicator_change["timestep_embedding"][step])
+        if policy.decide(state, CallContext(0, step, 0, 50, None), value) or not computed:
+            computed.append(step)
+    assert computed == chosen.computed[0]
+
+
+def test_threshold_for_an_error_budget():
+    rec = synthetic_recording()
+    search, _, _ = _search("teacache", rec, "timestep_embedding", 4, {})
+    chosen = search.for_error(0.05)
+    assert chosen.error <= 0.05
+    assert search.for_steps(chosen.max_computed - 1).error > 0.05  # one step fewer would break it
+    assert search.for_error(1e-9).max_computed == 50  # nothing reused fits a budget that small
+
+
+def test_compute_budget_from_a_speedup():
+    assert compute_budget(50, 3.0, None) == 16 and compute_budget(50, 2.0, None) == 25
+    assert compute_budget(50, None, 23) == 23
+
+
+# --- profiles -------------------------------------------------------------------------------------
+
+def teacache_profile(**over) -> dict:
+    data = {"format": "cachepass-profile", "version": 1, "policy": "teacache", "num_steps": 50,
+            "model": {"class": "Toy", "parameters": 1, "digest": "0" * 32},
+            "options": {"threshold": 0.1, "indicator": "timestep_embedding", "coefficients": [1.0, 0.0],
+                        "ret_steps": False}}
+    data.update(over)
+    return data
+
+
+def test_profile_round_trip_sets_the_policy_options(tmp_path):
+    path = Profile.from_dict(teacache_profile()).save(tmp_path / "p.json")
+    policy = parse_options({"policy": "teacache", "profile": str(path)}).policy
+    c = policy.config
+    assert (c.threshold, c.indicator, c.coefficients, c.ret_steps) == (0.1, "timestep_embedding", [1.0, 0.0], False)
+    assert list(policy.poly.coeffs) == [1.0, 0.0]
+    assert parse_options({"policy": "teacache", "profile": str(path), "threshold": 0.3}).policy.config.threshold == 0.3
+
+
+def test_customcache_reads_a_teacache_profile_but_keeps_its_threshold(tmp_path):
+    path = Profile.from_dict(teacache_profile()).save(tmp_path / "p.json")
+    c = parse_options({"policy": "customcache", "profile": str(path)}).policy.config
+    assert (c.threshold, c.coefficients) == (0.26, [1.0, 0.0])
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d.pop("num_steps"), "field 'num_steps' is missing"),
+    (lambda d: d["options"].pop("coefficients"), "'options.coefficients' is missing"),
+    (lambda d: d["options"].update(threshold="0.1"), "'options.threshold' must be a number"),
+    (lambda d: d["options"].update(coefficients=[1, True]), r"coefficients\[1\]' must be a number"),
+    (lambda d: d["options"].update(ret_steps=0), "'options.ret_steps' must be true or false"),
+    (lambda d: d["model"].pop("digest"), "'model.digest' is missing"),
+    (lambda d: d.update(num_steps=2.5), "'num_steps' must be an integer"),
+    (lambda d: d.update(version=7), "version 7 is not supported"),
+    (lambda d: d.update(format="teacache"), "not a cachepass profile"),
+    (lambda d: d["options"].update(code="__import__('os')"), "unknown field.*options.code"),
+])
+def test_bad_profiles_are_clear_errors(tmp_path, change, message):
+    data = teacache_profile()
+    change(data)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=message):
+        parse_options({"policy": "teacache", "profile": str(path)})
+
+
+def test_profile_that_is_not_json_or_missing(tmp_path):
+    (tmp_path / "x.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_profile(str(tmp_path / "x.json"))
+    with pytest.raises(ValueError, match="cannot read it"):
+        load_profile(str(tmp_path / "missing.json"))
+
+
+def test_profile_for_another_policy_or_indicator_is_an_error(tmp_path):
+    path = Profile.from_dict(teacache_profile()).save(tmp_path / "p.json")
+    with pytest.raises(ValueError, match="is a 'teacache' profile, not a 'magcache' one"):
+        parse_options({"policy": "magcache", "profile": str(path)})
+    with pytest.raises(ValueError, match="fitted on 'timestep_embedding'"):
+        parse_options({"policy": "teacache", "profile": str(path), "indicator": "modulated_input"})
+
+
+def test_profile_for_another_model_warns_when_compiled(tmp_path, caplog):
+    model = tiny_wan()
+    path = Profile.from_dict(teacache_profile()).save(tmp_path / "p.json")
+    compiled = torch.compile(model, backend="cachepass", options={"policy": "teacache", "profile": str(path),
+                                                                   "inner": "eager"})
+    with caplog.at_level(logging.WARNING, logger="cachepass"), torch.no_grad():
+        compiled(timestep=torch.tensor([999]), **wan_inputs())
+    assert any("was made for Toy" in r.getMessage() and "WanTransformer3DModel" in r.getMessage()
+               for r in caplog.records)
+    mine = teacache_profile(model=ModelFingerprint.of(model).to_dict())
+    assert Profile.from_dict(mine).check_model(model) and not Profile.from_dict(teacache_profile()).check_model(model)
+
+
+def test_fingerprint_tells_architectures_apart_not_weights():
+    a, b = tiny_wan(num_layers=3, seed=0), tiny_wan(num_layers=3, seed=1)
+    assert ModelFingerprint.of(a) == ModelFingerprint.of(b)
+    assert ModelFingerprint.of(a) != ModelFingerprint.of(tiny_wan(num_layers=2))
+
+
+# --- magcache -------------------------------------------------------------------------------------
+
+def magcache_decisions(policy, steps, num_steps=None, stream=0):
+    state = policy.new_state()
+    return [policy.decide(state, CallContext(0, s, stream, num_steps, None), None) for s in range(steps)]
+
+
+def test_magcache_accumulates_ratio_error_and_limits_skips():
+    ratios = [1.0, 1.0, 0.99, 0.99, 0.99, 0.99, 0.9, 0.99, 0.99, 0.99]
+    p = parse_options({"policy": "magcache", "mag_ratios": ratios, "threshold": 0.05, "max_skip_steps": 2,
+                       "retention_ratio": 0.2}).policy
+    # steps 0-1 retained; 2: err .01 reuse; 3: ratio .9801 err .0299 reuse; 4: third skip > K -> compute;
+    # 5: .01 reuse; 6: 1 - .891 > .05 -> compute; 7: .01; 8: .0299 reuse; 9: K -> compute
+    assert magcache_decisions(p, 10, 10) == [True, True, False, False, True, False, True, False, False, True]
+
+
+def test_magcache_profile_and_step_count_warning(tmp_path, caplog):
+    data = {"format": "cachepass-profile", "version": 1, "policy": "magcache", "num_steps": 4,
+            "model": {"class": "Toy", "parameters": 1, "digest": "0" * 32},
+            "options": {"threshold": 0.5, "mag_ratios": [[1.0, 0.9, 0.9, 0.9]], "max_skip_steps": 1}}
+    path = Profile.from_dict(data).save(tmp_path / "m.json")
+    p = parse_options({"policy": "magcache", "profile": str(path)}).policy
+    assert (p.config.threshold, p.config.max_skip_steps, p.config.retention_ratio) == (0.5, 1, 0.2)
+    assert magcache_decisions(p, 4) == [True, False, True, False]
+    with caplog.at_level(logging.WARNING, logger="cachepass"):
+        magcache_decisions(p, 8, num_steps=8)
+    assert any("calibrated for 4 steps but this generation has 8" in r.getMessage() for r in caplog.records)
+    assert nearest_resample([1, 2, 3, 4], 7) == [1, 1, 2, 3, 3, 3, 4]  # round half to even, as np.round
+    data["options"]["mag_ratios"] = [[1.0, 0.9]]
+    with pytest.raises(ValueError, match="2 ratios per stream for num_steps=4"):
+        Profile.from_dict(data)
+
+
+def test_magcache_without_ratios_says_how_to_get_them():
+    with pytest.raises(ValueError, match="needs the model's magnitude ratios"):
+        parse_options({"policy": "magcache"})
+
+
+# --- recording on a real (tiny) model -------------------------------------------------------------
+
+def test_record_leaves_the_model_as_it_was():
+    model = tiny_wan()
+    inputs = wan_inputs()
+
+    def run():
+        for t in (999, 800, 600, 400):
+            model(timestep=torch.tensor([t]), **inputs)
+        return None
+
+    with torch.no_grad():
+        before = model(timestep=torch.tensor([999]), **inputs)[0]
+    rec = record(run, model)
+    assert rec.num_steps == 4 and rec.indicators == ("timestep_embedding", "modulated_input")
+    traj = rec.trajectories[0]
+    assert traj.magnitude_ratio[0] == 1.0 and all(v > 0 for v in traj.magnitude_ratio)
+    assert math.isnan(traj.indicator_change["timestep_embedding"][0])
+    assert all(traj.indicator_change["timestep_embedding"][1:]) and (0, 3) in traj.reuse_abs
+    assert "_compiled_call_impl" not in model.__dict__
+    assert not cachepass.stats(model).caching and "never run" in cachepass.stats(model).fallback_reason
+    with torch.no_grad():
+        assert torch.equal(model(timestep=torch.tensor([999]), **inputs)[0], before)
+
+
+def test_record_needs_the_model_to_be_called():
+    with pytest.raises(ValueError, match="recorded nothing: the model was never called"):
+        record(lambda: None, tiny_wan())
+
+
+def test_teacache_profile_for_another_step_count_warns_once(tmp_path, caplog):
+    path = Profile.from_dict(teacache_profile()).save(tmp_path / "p.json")
+    policy = parse_options({"policy": "teacache", "profile": str(path)}).policy
+    with caplog.at_level(logging.WARNING, logger="cachepass"):
+        for stream in (0, 1):
+            policy.decide(policy.new_state(), CallContext(0, 0, stream, 30, None), torch.ones(2))
+        policy.decide(policy.new_state(), CallContext(0, 0, 0, 50, None), torch.ones(2))
+    warned = [r for r in caplog.records if "calibrated at 50 steps but the model runs 30" in r.getMessage()]
+    assert len(warned) == 1
