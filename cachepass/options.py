@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+from .distributed import validate_sync_options
 from .errors import OptionError
 from .policies import POLICIES, Policy
 
@@ -18,7 +19,7 @@ DEFAULT_POLICY = "teacache"
 INNER_CHOICES = ("inductor", "eager")
 
 #: Options every policy accepts; everything else belongs to the chosen policy's config.
-COMMON_OPTIONS = ("policy", "inner", "num_steps")
+COMMON_OPTIONS = ("policy", "inner", "num_steps", "sync", "process_group")
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,10 @@ class Settings:
     inner: str | Callable
     num_steps: int | None = None
     inductor_mode: str | None = None  # torch.compile(mode=...), passed on to inductor
+    #: Sum decision statistics over the ranks ("auto": when torch.distributed runs > 1 rank). On by
+    #: default because sequence-parallel ranks that decide apart hang; data-parallel serving opts out.
+    sync: bool | str = "auto"
+    process_group: Any = None  # the group the tokens are sharded over; None: the default group
 
     @property
     def policy_name(self) -> str:
@@ -65,6 +70,9 @@ def parse_options(options: Mapping[str, Any] | None) -> Settings:
     num_steps = options.pop("num_steps", None)
     if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1):
         raise OptionError(f"option 'num_steps' must be a positive integer or None; got {num_steps!r}")
+    sync = options.pop("sync", "auto")
+    process_group = options.pop("process_group", None)
+    validate_sync_options(sync, process_group)
 
     fields = {f.name for f in dataclasses.fields(policy_cls.config_class)}
     unknown = sorted(set(options) - fields)
@@ -76,4 +84,5 @@ def parse_options(options: Mapping[str, Any] | None) -> Settings:
         )
     config = policy_cls.config_class(**options)
     config.validate()
-    return Settings(policy=policy_cls(config), inner=inner, num_steps=num_steps)
+    return Settings(policy=policy_cls(config), inner=inner, num_steps=num_steps, sync=sync,
+                    process_group=process_group)

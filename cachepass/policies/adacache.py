@@ -17,6 +17,12 @@ count is known; motion regularisation too, since its window is a fraction of it)
 Tokens per frame come from the latent's shape (``frame_grid`` feature); the reference hard-codes the
 model width (1536), which is a defect. ``tokens_per_frame=`` overrides, for models whose latent the
 analysis does not find.
+
+Under sequence parallelism (:mod:`cachepass.distributed`) all sums of one step travel in one
+``all_reduce``. The distance is exact (the whole sequence's). The motion term pairs token ``i`` with
+``i + s``; a pair whose tokens sit on two ranks is not seen by either (exchanging them would move
+activations, not statistics), so ``mo`` is the same formula over the pairs that lie within one rank's
+shard: ``(world - 1) * s`` of the ``L - s`` pairs per channel are left out (none on one process).
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from ..errors import OptionError
 from .base import (
     CallContext, Policy, PolicyConfig, Requirements, check_bool, check_int, check_optional_int, is_forced_step,
 )
-from .distance import relative_l1
+from .distance import l1_ratio, l1_sums
 
 log = get_logger(__name__)
 
@@ -128,15 +134,23 @@ def codebook_interval(book: dict, distance: float) -> int:
     return list(book.values())[-1]
 
 
-def motion_score(feature: torch.Tensor, tokens_per_frame: int) -> float | None:
-    """``|r[s:] - r[:-s]|_1 / (|r[s:]|_1 + |r[:-s]|_1)`` along the token axis (dim 1 of ``(B, L, C)``);
-    ``None`` when there is only one frame."""
+def motion_sums(feature: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
+    """``[|r[s:] - r[:-s]|_1, |r[s:]|_1 + |r[:-s]|_1, has_pairs]`` along the token axis (dim 1 of
+    ``(B, L, C)``), as sums that add up across token shards; ``has_pairs`` is 0 when the tensor holds no
+    token ``s`` apart from another (one frame, or a shard shorter than a frame)."""
     s = tokens_per_frame
-    r = feature.float()
+    work = torch.promote_types(feature.dtype, torch.float32)
+    r = feature.to(work)
     if r.dim() != 3 or s >= r.shape[1]:
-        return None
+        return r.new_zeros(3)
     later, earlier = r[:, s:], r[:, :-s]
-    num, den = torch.stack([(later - earlier).abs().sum(), later.abs().sum() + earlier.abs().sum()]).tolist()
+    return torch.stack([(later - earlier).abs().sum(), later.abs().sum() + earlier.abs().sum(), r.new_ones(())])
+
+
+def motion_ratio(num: float, den: float, has_pairs: float) -> float | None:
+    """The motion score ``mo`` from (summed) :func:`motion_sums`; ``None`` when no pair was seen."""
+    if has_pairs == 0:
+        return None
     return num / den if den > 0 else 0.0
 
 
@@ -167,26 +181,34 @@ class AdaCachePolicy(Policy):
             state.intervals.append((ctx.step, None, 1))
             return
         gap = ctx.step - last_step
-        distance = relative_l1(feature, previous) / gap  # mean/mean: the same ratio as |.|_1/|.|_1
-        distance *= self._motion(state, ctx, feature, observed, gap)
+        tokens = self._motion_tokens(ctx, observed)
+        sums = [l1_sums(feature, previous)]
+        if tokens is not None:
+            sums.append(motion_sums(feature, tokens))
+        stats = ctx.sync.reduce(torch.cat(sums)).tolist()  # one collective for every sum of this step
+        distance = l1_ratio(*stats[:2]) / gap
+        score = motion_ratio(*stats[2:]) if tokens is not None else None
+        distance *= self._motion(state, score, gap)
         interval = codebook_interval(self.config.resolved_codebook(ctx.num_steps), distance)
         state.next_step = ctx.step + interval
         state.intervals.append((ctx.step, distance, interval))
-        log.debug("adacache: stream %d step %d: distance %.4f -> next compute at step %d",
+        log.debug("adacache: stream %d step %d: distance %.4g -> next compute at step %d",
                   ctx.stream, ctx.step, distance, state.next_step)
 
-    def _motion(self, state: AdaCacheState, ctx: CallContext, feature, observed, gap: int) -> float:
-        moreg = 1.0
-        if self.config.motion and ctx.num_steps is not None:
-            lo, hi = (int(f * ctx.num_steps) for f in MOREG_WINDOW)
-            if lo <= ctx.step <= hi:
-                tokens = self.config.tokens_per_frame
-                if tokens is None:
-                    grid = observed[1]
-                    tokens = int(grid.shape[-2] * grid.shape[-1])
-                score = motion_score(feature, tokens)
-                if score is not None:
-                    moreg = (score / MOREG_SCALE) ** MOREG_POWER
+    def _motion_tokens(self, ctx: CallContext, observed: list) -> int | None:
+        """Tokens per frame when this step's distance is motion-regularised, else ``None``."""
+        if not self.config.motion or ctx.num_steps is None:
+            return None
+        lo, hi = (int(f * ctx.num_steps) for f in MOREG_WINDOW)
+        if not lo <= ctx.step <= hi:
+            return None
+        if self.config.tokens_per_frame is not None:
+            return self.config.tokens_per_frame
+        grid = observed[1]
+        return int(grid.shape[-2] * grid.shape[-1])
+
+    def _motion(self, state: AdaCacheState, score: float | None, gap: int) -> float:
+        moreg = 1.0 if score is None else (score / MOREG_SCALE) ** MOREG_POWER
         mograd = MOGRAD_MUL * (moreg - state.previous_moreg) / gap
         state.previous_moreg = moreg
         return moreg + abs(mograd)

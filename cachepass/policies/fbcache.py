@@ -40,7 +40,7 @@ def decide_against_reference(state: ReferenceState, ctx: CallContext, indicator,
     """Compute (and take ``indicator`` as the new reference) when forced, without a reference, or when
     the relative L1 change against the reference reaches ``threshold``; else reuse."""
     if not forced and state.reference is not None:
-        distance = relative_l1(indicator, state.reference)
+        distance = relative_l1(indicator, state.reference, ctx.sync)
         state.distances.append(distance)
         if distance < threshold:
             return False

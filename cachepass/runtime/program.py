@@ -8,6 +8,7 @@ graph break and no recompile, whatever the decisions are.
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import torch
@@ -67,8 +68,11 @@ class CachedProgram:
             state.new_generation()
         stream = state.stream(pos.stream)
         ctx = CallContext(pos.generation, pos.step, pos.stream, state.tracker.num_steps,
-                          t if not isinstance(t, tuple) else t[0])
+                          t if not isinstance(t, tuple) else t[0], state.sync)
         compute = state.policy.decide(stream.policy_state, ctx, indicator) or not stream.cache.ready()
+        if log.isEnabledFor(logging.DEBUG):  # before the variant runs: a rank stuck in it has logged
+            log.debug("cachepass: generation %d step %d stream %d: %s", pos.generation, pos.step, pos.stream,
+                      "compute" if compute else "reuse")
         state.calls += 1
         if self.on_call is not None:
             self.on_call(state)

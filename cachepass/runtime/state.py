@@ -11,6 +11,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..distributed import LOCAL, DecisionSync
 from ..policies.base import Policy
 from ..reconstruction import ReuseCache
 from .tracker import StepTracker
@@ -71,11 +72,17 @@ class Stats:
 
 
 class ProgramState:
-    """Streams, step tracking and counters of one compiled program."""
+    """Streams, step tracking and counters of one compiled program.
 
-    def __init__(self, policy: Policy, reconstruction, num_steps: int | None) -> None:
+    ``sync`` makes the ranks of a sequence-parallel model take the same decisions (identity on one
+    process); the caches in the streams stay local to the rank.
+    """
+
+    def __init__(self, policy: Policy, reconstruction, num_steps: int | None,
+                 sync: DecisionSync = LOCAL) -> None:
         self.policy = policy
         self.reconstruction = reconstruction
+        self.sync = sync
         self.tracker = StepTracker(num_steps)
         self.streams: dict[int, StreamState] = {}
         self.history: list[list[StreamStats]] = []
