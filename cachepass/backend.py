@@ -114,7 +114,7 @@ def compile_with_settings(gm: fx.GraphModule, example_inputs: Sequence, settings
     program = CachedProgram(
         pieces["head"], pieces["compute"], pieces["reuse"], state=state,
         has_indicator=variants.has_indicator, num_outputs=variants.num_outputs,
-        num_residuals=variants.num_residuals, timestep_index=timestep_index,
+        num_cache_writes=variants.num_cache_writes, timestep_index=timestep_index,
     )
     program.on_call = lambda s: setattr(runtime, "last_active", s)
     log.info(

@@ -36,7 +36,8 @@ class ReuseCache(ABC):
 
     @abstractmethod
     def write(self, residuals: Sequence[torch.Tensor], step: int) -> None:
-        """Record the body residuals (``out - in`` per residual-stream tensor) of a computed call."""
+        """Record a computed call's cache writes: the span residuals (``stack``) or the block parts'
+        outputs (``block``), in the compute variant's order."""
 
     @abstractmethod
     def read(self, step: int) -> list[torch.Tensor]:

@@ -85,7 +85,7 @@ def test_block_reuse_at_a_computed_step_equals_the_compute_variant(case):
     matrix work except modulation (which reads only the timestep) and the tail."""
     gm, example_inputs = case()
     _, part, requirements, variants = variants_for(gm, "block", order=2)
-    assert variants.num_residuals == len(part.features) > 0
+    assert variants.num_cache_writes == len(part.features) > 0
     head, compute, reuse = (compile_piece(getattr(variants, name), example_inputs, "eager")
                             for name in ("head", "compute", "reuse"))
     with torch.no_grad():
@@ -93,7 +93,7 @@ def test_block_reuse_at_a_computed_step_equals_the_compute_variant(case):
         out = compute(*example_inputs, *exported)
         n = variants.num_outputs
         cache = requirements.reconstruction.new_cache()
-        cache.write(out[n:n + variants.num_residuals], step=3)
+        cache.write(out[n:n + variants.num_cache_writes], step=3)
         rebuilt = reuse(*example_inputs, *exported, *cache.read(3))
         attention = count_attention_calls(lambda: reuse(*example_inputs, *exported, *cache.read(3)))
     assert len(rebuilt) == n

@@ -43,7 +43,7 @@ class CachedProgram:
         state: ProgramState,
         has_indicator: bool,
         num_outputs: int,
-        num_residuals: int,
+        num_cache_writes: int,
         timestep_index: int | None,
     ) -> None:
         self.head = head
@@ -52,7 +52,7 @@ class CachedProgram:
         self.state = state
         self.has_indicator = has_indicator
         self.num_outputs = num_outputs
-        self.num_residuals = num_residuals
+        self.num_cache_writes = num_cache_writes
         self.timestep_index = timestep_index
         self.on_call: Callable[[ProgramState], None] | None = None
 
@@ -78,7 +78,7 @@ class CachedProgram:
             self.on_call(state)
         if compute:
             out = self.compute(*args, *exported)
-            n, r = self.num_outputs, self.num_residuals
+            n, r = self.num_outputs, self.num_cache_writes
             stream.cache.write(out[n:n + r], pos.step)
             if len(out) > n + r:
                 state.policy.after_compute(stream.policy_state, ctx, list(out[n + r:]))

@@ -40,7 +40,7 @@ class GraphVariants:
     num_exported: int
     num_outputs: int
     num_cache_inputs: int
-    num_residuals: int
+    num_cache_writes: int
 
 
 def _placeholders(gm: fx.GraphModule) -> list[fx.Node]:
@@ -161,5 +161,5 @@ def build_variants(
     return GraphVariants(
         head=head, compute=compute, reuse=reuse, has_indicator=part.indicator is not None,
         num_exported=len(part.exported), num_outputs=len(original), num_cache_inputs=num_cache,
-        num_residuals=len(writes),
+        num_cache_writes=len(writes),
     )
