@@ -196,7 +196,7 @@ def test_fbcache_compares_against_the_last_computed_call():
     p = policy(policy="fbcache", threshold=0.12)
     assert run(p, [1.0, 1.05, 1.1, 1.15, 1.2, 1.3]) == [T, F, F, T, F, T]
     req = p.requirements()
-    assert (req.indicator, req.compute_first, req.compute_last) == ("first_block_output", 1, 0)
+    assert (req.indicator, req.compute_first, req.compute_last) == ("front_residual", 1, 0)
     assert req.reconstruction == ResidualReuse()
 
 
@@ -211,6 +211,6 @@ def test_dbcache_schedule_and_requirements():
     p = policy(policy="dbcache", Fn=2, Bn=1, warmup=3, threshold=0.1)
     assert run(p, [1.0, 1.1, 1.2, 1.26, 1.35, 1.35]) == [T, T, T, F, T, F]
     req = p.requirements()
-    assert (req.indicator, req.compute_first, req.compute_last) == ("first_block_output", 2, 1)
+    assert (req.indicator, req.compute_first, req.compute_last) == ("front_residual", 2, 1)
     assert req.reconstruction == ResidualReuse()
     assert policy(policy="dbcache", taylor=2).requirements().reconstruction == TaylorReuse(order=2)

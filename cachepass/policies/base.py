@@ -26,7 +26,9 @@ from ..errors import OptionError
 from ..reconstruction import Reconstruction, ResidualReuse
 
 #: Indicators the analysis can provide (see ``cachepass.analysis.indicators``).
-INDICATORS = ("timestep_embedding", "modulated_input", "first_block_output")
+#: ``front_residual``: the residual of the ``compute_first`` front blocks (output minus input), made by
+#: the head graph (First-Block-Cache, DBCache).
+INDICATORS = ("timestep_embedding", "modulated_input", "first_block_output", "front_residual")
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,9 @@ The blocks are cut into three spans at block boundaries ``a = compute_first`` an
 ``b = len(blocks) - compute_last``:
 
 * ``head``: everything before the body, blocks ``[0, a)``, and the body nodes the requested indicator
-  depends on (``modulated_input``: a few nodes of block 0): what runs before every decision;
+  depends on (``modulated_input``: a few nodes of block 0): what runs before every decision. The
+  indicator ``front_residual`` is the residual of blocks ``[0, a)``: the stream value at boundary
+  ``a`` minus its partner entering block 0, a node the head graph adds;
 * ``cached``: blocks ``[a, b)`` less what the head took: what a reuse call skips;
 * ``after``: blocks ``[b, N)`` and the tail: what every call runs after the decision.
 
@@ -40,6 +42,7 @@ class Partition:
     cached: set[fx.Node]
     after: set[fx.Node]
     indicator: fx.Node | None
+    indicator_base: fx.Node | None  # when set, the head returns ``indicator - indicator_base``
     pairs: list[tuple[fx.Node, fx.Node]]  # stack: (value at boundary a, value at boundary b)
     observed: list[fx.Node]
     exported: list[fx.Node]  # head values the variants read, in graph order
@@ -79,8 +82,14 @@ def partition(structure: DenoiserStructure, requirements: Requirements) -> Parti
     pos_a, pos_b = structure.boundary_position(a), structure.boundary_position(b)
     head = set(structure.head) | {x for x in structure.body if order[x] < pos_a}
 
-    indicator = None
-    if requirements.indicator is not None:
+    indicator = indicator_base = None
+    if requirements.indicator == "front_residual":
+        if a == 0:
+            raise UnsupportedStructure("indicator 'front_residual' needs compute_first >= 1 (blocks run before it)")
+        indicator = structure.boundary_values(a)[0]
+        indicator_base = _pair(structure, structure.boundary_values(0), [indicator])[0][0]
+        head |= ancestors_within(structure.dataflow, [indicator, indicator_base], structure.body)
+    elif requirements.indicator is not None:
         if requirements.indicator == "first_block_output" and a > 0:
             indicator = structure.boundary_values(a)[0]
         else:
@@ -116,5 +125,6 @@ def partition(structure: DenoiserStructure, requirements: Requirements) -> Parti
         | {x for x in needed_by_variants if x in head},
         key=order.__getitem__,
     )
-    return Partition(head=head, cached=cached, after=after, indicator=indicator, pairs=pairs,
+    return Partition(head=head, cached=cached, after=after, indicator=indicator,
+                     indicator_base=indicator_base, pairs=pairs,
                      observed=observed, exported=exported, features=features, predicted=predicted)

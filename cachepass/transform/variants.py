@@ -3,7 +3,8 @@
 All three take the original graph inputs first (same order as Dynamo's), then the exported head
 values; the reuse variant then takes the cache-read placeholders its reconstruction declares.
 
-* head:    original inputs -> (indicator?, *exported)
+* head:    original inputs -> (indicator?, *exported)   (``front_residual``: the indicator is a new
+           ``sub`` node, the front blocks' output minus their input)
 * compute: ... -> (*original outputs, *cache writes, *observed)   cache writes: ``stack``, the
            residual ``end - start`` per cached pair; ``block``, the predictable parts' outputs.
            Observed tensors go to the policy
@@ -120,7 +121,13 @@ def build_variants(
     graph = fx.Graph()
     env = {ph: graph.node_copy(ph) for ph in _placeholders(gm)}
     _copy(graph, env, [n for n in nodes if n in part.head])
-    head_out = ([env[part.indicator]] if part.indicator is not None else []) + [env[n] for n in part.exported]
+    indicator = []
+    if part.indicator is not None:
+        indicator = [env[part.indicator]]
+        if part.indicator_base is not None:
+            indicator = [graph.call_function(torch.sub, (env[part.indicator], env[part.indicator_base]))]
+            indicator[0].meta["example_value"] = part.indicator.meta.get("example_value")
+    head_out = indicator + [env[n] for n in part.exported]
     head = _finish(gm, graph, tuple(head_out))
 
     # compute: the rest of the body and the tail, plus one residual per stream tensor (cache writes)
