@@ -3,7 +3,9 @@
 * ``timestep_embedding``: the body's timestep conditioning (content-independent; TeaCache for Wan).
 * ``modulated_input``: the first node of block 0 that depends on both the residual stream and the
   timestep embedding, with the stream's shape (``norm1(x) * (1 + scale) + shift``; TeaCache for FLUX).
-* ``first_block_output``: the first stream tensor leaving block 0 (First-Block-Cache).
+* ``first_block_output``: the first stream tensor leaving block 0. (First-Block-Cache and DBCache read
+  ``front_residual`` instead: the partition pass pairs the stream after the front blocks with its
+  input and the head graph subtracts them.)
 
 Each is a node of the original graph; the partition pass moves its ancestors into the head graph.
 """
