@@ -69,8 +69,10 @@ def test_defaults():
     assert (c.interval, c.order, c.warmup, c.final_steps, c.granularity) == (4, 1, 1, 0, "stack")
     c = parse_options({"policy": "adacache"}).policy.config
     assert (c.feature, c.codebook, c.motion, c.tokens_per_frame) == ("attention_output:middle", "auto", True, None)
+    c = parse_options({"policy": "fbcache"}).policy.config
+    assert (c.threshold, c.warmup, c.final_steps) == (0.1, 1, 0)
     c = parse_options({"policy": "dbcache"}).policy.config
-    assert (c.Fn, c.Bn, c.threshold, c.warmup, c.taylor) == (1, 0, 0.08, 8, None)
+    assert (c.Fn, c.Bn, c.threshold, c.warmup, c.taylor) == (1, 0, 0.12, 8, None)
 
 
 def test_bad_option_through_torch_compile_is_a_value_error():
