@@ -90,10 +90,7 @@ def partition(structure: DenoiserStructure, requirements: Requirements) -> Parti
         indicator_base = _pair(structure, structure.boundary_values(0), [indicator])[0][0]
         head |= ancestors_within(structure.dataflow, [indicator, indicator_base], structure.body)
     elif requirements.indicator is not None:
-        if requirements.indicator == "first_block_output" and a > 0:
-            indicator = structure.boundary_values(a)[0]
-        else:
-            indicator = structure.indicators.get(requirements.indicator)
+        indicator = structure.indicators.get(requirements.indicator)
         if indicator is None:
             found = ", ".join(sorted(structure.indicators)) or "none"
             raise UnsupportedStructure(
