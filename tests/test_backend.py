@@ -97,6 +97,19 @@ def test_a_new_shape_never_reads_the_cache_of_another():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
 
+def test_stats_count_the_calls_of_the_current_compile_only():
+    """Two graphs of one compile (two shapes) add up; an earlier compile of the same module with another
+    policy does not."""
+    model = tiny_wan()
+    run_schedule(compiled(model, policy="interval", interval=2), wan_inputs(), SCHEDULE[:3])
+    torch._dynamo.reset()
+    fast = compiled(model, policy="interval", interval=100)
+    run_schedule(fast, wan_inputs(size=8), SCHEDULE[:2])
+    run_schedule(fast, wan_inputs(size=12), SCHEDULE[2:3])
+    stats = cachepass.stats(fast)
+    assert (stats.calls, stats.computed_calls) == (3, 2)
+
+
 def test_fullgraph_and_dynamic_shapes():
     model, inputs = tiny_wan(), wan_inputs()
     fast = torch.compile(model, backend="cachepass", fullgraph=True, dynamic=True,

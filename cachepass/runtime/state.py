@@ -136,9 +136,15 @@ class ModelRuntime:
             generations=program.tracker.generation + 1,
             streams=program.stream_stats(),
             history=list(program.history),
-            calls=sum(p.calls for p in self.programs),
-            computed_calls=sum(p.computed_calls for p in self.programs),
+            calls=sum(p.calls for p in self._siblings(program)),
+            computed_calls=sum(p.computed_calls for p in self._siblings(program)),
         )
+
+    def _siblings(self, program: ProgramState) -> list[ProgramState]:
+        """The programs compiled with the same policy and options as ``program`` (one per graph: input
+        shapes, graph breaks); a recompile of the module with other options does not count."""
+        same = (program.policy.name, program.policy.config)
+        return [p for p in self.programs if (p.policy.name, p.policy.config) == same]
 
 
 _RUNTIMES: "weakref.WeakKeyDictionary[Any, ModelRuntime]" = weakref.WeakKeyDictionary()
