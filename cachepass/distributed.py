@@ -28,25 +28,36 @@ log = get_logger(__name__)
 _announced: set[int] = set()  # world sizes already logged: one line per process, not per graph
 
 
-def validate_sync_options(sync: Any, process_group: Any) -> None:
-    """Check the ``sync`` and ``process_group`` options (see :class:`DecisionSync`)."""
+def validate_sync_options(sync: Any, process_group: Any) -> bool | str:
+    """Check the ``sync`` and ``process_group`` options (see :class:`DecisionSync`); the ``sync`` value to use
+    (a ``numpy.bool_`` made a ``bool``)."""
+    import numpy as np
+
+    if isinstance(sync, np.bool_):
+        sync = bool(sync)
     if not (sync is True or sync is False or (isinstance(sync, str) and sync == "auto")):
+        from .policies.base import show
+
         raise OptionError(
             "option 'sync' must be 'auto' (sum decision statistics over the ranks when torch.distributed "
             f"runs more than one), True (always; fail if it is not initialised) or False (each rank decides "
-            f"alone, for data-parallel serving); got {sync!r}"
+            f"alone, for data-parallel serving); got {show(sync)}"
         )
     if process_group is None:
-        return
+        return sync
     if sync is False:
         raise OptionError("option 'process_group' has no effect with sync=False: drop one of them")
     import torch.distributed as dist
 
     if not dist.is_available() or not isinstance(process_group, dist.ProcessGroup):
+        from .policies.base import show
+
         raise OptionError(
             "option 'process_group' must be a torch.distributed ProcessGroup (the group the model's tokens are "
-            f"sharded over, e.g. a device mesh's mesh.get_group()) or None for the default group; got {process_group!r}"
+            f"sharded over, e.g. a device mesh's mesh.get_group()) or None for the default group; got "
+            f"{show(process_group)}"
         )
+    return sync
 
 
 class DecisionSync:

@@ -2,7 +2,8 @@
 
 ``torch.compile(m, backend="cachepass", options={...})`` and ``cachepass.backend(**options)`` both end
 here, so the option names are the same on both routes. Validation happens before any analysis or
-compilation; every error names the option and what is allowed.
+compilation; every error is an :class:`~cachepass.errors.OptionError` (a ``ValueError``) naming the option
+(or the profile file and field) and what is allowed.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, Callable, Mapping
 from .distributed import validate_sync_options
 from .errors import OptionError
 from .policies import POLICIES, Policy
+from .policies.base import MAX_STEPS, Invalid, integer, native, show
 
 DEFAULT_POLICY = "teacache"
 INNER_CHOICES = ("inductor", "eager")
@@ -41,46 +43,70 @@ class Settings:
 
 
 def _validate_inner(inner: Any) -> str | Callable:
-    if callable(inner):
-        return inner
-    if not isinstance(inner, str):
-        raise OptionError(f"option 'inner' must be 'inductor', 'eager', a backend name or a callable; got {inner!r}")
-    if inner in INNER_CHOICES:
-        return inner
-    from torch._dynamo.backends.registry import list_backends, lookup_backend
+    if isinstance(inner, str):
+        if inner in INNER_CHOICES:
+            return inner
+        if inner == "cachepass":
+            raise OptionError("option 'inner' cannot be 'cachepass' itself")
+        from torch._dynamo.backends.registry import list_backends, lookup_backend
 
-    if inner == "cachepass":
-        raise OptionError("option 'inner' cannot be 'cachepass' itself")
-    try:
-        lookup_backend(inner)
-    except Exception:
-        names = sorted(set(INNER_CHOICES) | set(list_backends()) - {"cachepass"})
-        raise OptionError(f"option 'inner' must be one of {', '.join(map(repr, names))} or a callable; got {inner!r}") from None
-    return inner
+        try:
+            lookup_backend(inner)
+        except Exception:
+            names = sorted(set(INNER_CHOICES) | set(list_backends()) - {"cachepass"})
+            raise OptionError(f"option 'inner' must be one of {', '.join(map(repr, names))} or a callable; "
+                              f"got {show(inner)}") from None
+        return inner
+    if callable(inner) and not isinstance(inner, type):
+        return inner
+    raise OptionError(f"option 'inner' must be 'inductor', 'eager', a backend name or a callable "
+                      f"(gm, example_inputs) -> callable; got {show(inner)}")
+
+
+def _check_names(options: Any) -> dict[str, Any]:
+    """The options as a plain dict with string names, numpy scalars made Python numbers."""
+    if not isinstance(options, Mapping):
+        raise OptionError(f"options must be a dict of option names to values; got {show(options)}")
+    names = list(options)
+    bad = [k for k in names if not isinstance(k, str)]
+    if bad:
+        raise OptionError(f"option names must be strings; got {', '.join(show(k) for k in bad[:5])}"
+                          f"{' ...' if len(bad) > 5 else ''} (valid options are "
+                          f"{', '.join(map(repr, COMMON_OPTIONS))} and the policy's own, docs/policies.md)")
+    return {str(k): native(options[k]) for k in names}
 
 
 def parse_options(options: Mapping[str, Any] | None) -> Settings:
-    """Turn the user's option mapping into :class:`Settings`, or raise :class:`OptionError`."""
-    options = dict(options or {})
+    """Turn the user's option mapping into :class:`Settings`, or raise :class:`OptionError`.
+
+    Every check happens here, before anything is traced or compiled: option names are strings, values have
+    the exact type asked for (numpy scalars count as numbers and bools, a bool never as a number), numbers
+    are finite and in range, lists are lists of bounded length (maxima in docs/policies.md), a profile is
+    a valid profile file."""
+    options = _check_names(options if options is not None else {})
     policy_name = options.pop("policy", DEFAULT_POLICY)
-    if policy_name not in POLICIES:
-        raise OptionError(f"option 'policy' must be one of {', '.join(map(repr, POLICIES))}; got {policy_name!r}")
+    if not isinstance(policy_name, str) or policy_name not in POLICIES:
+        raise OptionError(f"option 'policy' must be one of {', '.join(map(repr, POLICIES))}; got {show(policy_name)}")
     policy_cls = POLICIES[policy_name]
     inner = _validate_inner(options.pop("inner", "inductor"))
     num_steps = options.pop("num_steps", None)
-    if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1):
-        raise OptionError(f"option 'num_steps' must be a positive integer or None; got {num_steps!r}")
+    if num_steps is not None:
+        try:
+            num_steps = integer(num_steps, minimum=1, maximum=MAX_STEPS)
+        except Invalid:
+            raise OptionError(f"option 'num_steps' must be None or an integer in [1, {MAX_STEPS}] "
+                              f"(steps per generation); got {show(num_steps)}") from None
     sync = options.pop("sync", "auto")
     process_group = options.pop("process_group", None)
-    validate_sync_options(sync, process_group)
+    sync = validate_sync_options(sync, process_group)
 
     fields = {f.name for f in dataclasses.fields(policy_cls.config_class)}
     unknown = sorted(set(options) - fields)
     if unknown:
         valid = sorted(fields | set(COMMON_OPTIONS))
         raise OptionError(
-            f"unknown option {', '.join(map(repr, unknown))} for policy {policy_name!r}; "
-            f"valid options are {', '.join(map(repr, valid))}"
+            f"unknown option {', '.join(show(k) for k in unknown[:5])}{' ...' if len(unknown) > 5 else ''} "
+            f"for policy {policy_name!r}; valid options are {', '.join(map(repr, valid))}"
         )
     config = policy_cls.config_class(**options)
     config.validate()

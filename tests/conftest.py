@@ -17,6 +17,15 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.fixture(autouse=True)
+def _fresh_warnings():
+    """Each test sees the once-per-cause warnings (``cachepass._logging.warn_once``) afresh."""
+    from cachepass._logging import reset_warnings
+
+    reset_warnings()
+    yield
+
+
 
 
 def count_attention_calls(fn) -> int:

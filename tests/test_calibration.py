@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import cachepass
+from cachepass.errors import OptionError
 from cachepass.calibration import (
     ModelFingerprint, Profile, Recording, ThresholdSearch, Trajectory, fit_teacache, load_profile,
     magnitude_ratios, record,
@@ -139,8 +140,8 @@ def test_customcache_reads_a_teacache_profile_but_keeps_its_threshold(tmp_path):
 @pytest.mark.parametrize("change, message", [
     (lambda d: d.pop("num_steps"), "field 'num_steps' is missing"),
     (lambda d: d["options"].pop("coefficients"), "'options.coefficients' is missing"),
-    (lambda d: d["options"].update(threshold="0.1"), "'options.threshold' must be a number"),
-    (lambda d: d["options"].update(coefficients=[1, True]), r"coefficients\[1\]' must be a number"),
+    (lambda d: d["options"].update(threshold="0.1"), "'options.threshold' must be a finite number"),
+    (lambda d: d["options"].update(coefficients=[1, True]), r"coefficients\[1\]' must be a finite number"),
     (lambda d: d["options"].update(ret_steps=0), "'options.ret_steps' must be true or false"),
     (lambda d: d["model"].pop("digest"), "'model.digest' is missing"),
     (lambda d: d.update(num_steps=2.5), "'num_steps' must be an integer"),
@@ -269,3 +270,137 @@ def test_teacache_profile_for_another_step_count_warns_once(tmp_path, caplog):
         policy.decide(policy.new_state(), CallContext(0, 0, 0, 50, None), torch.ones(2))
     warned = [r for r in caplog.records if "calibrated at 50 steps but the model runs 30" in r.getMessage()]
     assert len(warned) == 1
+
+
+# --- issue 11: corrupt profiles are one clear OptionError naming the file; warnings once per cause --
+
+def magcache_profile(**over) -> dict:
+    data = {"format": "cachepass-profile", "version": 1, "policy": "magcache", "num_steps": 4,
+            "model": {"class": "Toy", "parameters": 1, "digest": "0" * 32},
+            "options": {"threshold": 0.5, "mag_ratios": [[1.0, 0.9, 0.9, 0.9]], "max_skip_steps": 1}}
+    data.update(over)
+    return data
+
+
+def _rejects_file(path, policy="teacache", match="is not a valid cachepass profile"):
+    with pytest.raises(OptionError, match=match) as info:
+        parse_options({"policy": policy, "profile": str(path)})
+    assert str(path) in str(info.value)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("content", [
+    bytes(range(256)) * 4,  # a binary file renamed .json
+    b"\x89PNG\r\n\x1a\n" + bytes(32),
+    json.dumps(teacache_profile()).replace("Toy", "T\u00e9y").encode("latin-1"),  # not UTF-8
+    json.dumps(teacache_profile()).encode("utf-16"),
+    b"[" * 100_000 + b"]" * 100_000,  # a RecursionError before
+    b'{"a":' * 100_000 + b"1" + b"}" * 100_000,
+    b"[]", b"3", b'"profile"', b"null", b"", b"{} trailing",
+    json.dumps(teacache_profile(num_steps=1)).replace('"num_steps": 1', '"num_steps": ' + "9" * 5000).encode(),
+])
+def test_unreadable_profiles_name_the_file(tmp_path, content):
+    path = tmp_path / "p.json"
+    path.write_bytes(content)
+    _rejects_file(path)
+
+
+@pytest.mark.parametrize("policy, change, field", [
+    ("teacache", lambda d: d["options"].update(threshold=float("nan")), "options.threshold"),  # silently no caching
+    ("teacache", lambda d: d["options"].update(threshold=float("inf")), "options.threshold"),
+    ("teacache", lambda d: d["options"].update(coefficients=[1.0, float("nan")]), r"options.coefficients\[1\]"),
+    ("teacache", lambda d: d["options"].update(coefficients={"1": 2}), "options.coefficients"),
+    ("teacache", lambda d: d["options"].update(coefficients="wan2.1-t2v-1.3b"), "options.coefficients"),
+    ("teacache", lambda d: d["options"].update(coefficients=[0.0] * 33), "options.coefficients"),
+    ("teacache", lambda d: d["options"].update(indicator="first_block_output"), "options.indicator"),
+    ("teacache", lambda d: d.update(num_steps=10**9), "num_steps"),
+    ("teacache", lambda d: d.update(num_steps=True), "num_steps"),
+    ("teacache", lambda d: d.update(model=[1]), "model"),
+    ("teacache", lambda d: d.update(report="good"), "report"),
+    ("teacache", lambda d: d.update(policy=["teacache"]), "policy"),
+    ("magcache", lambda d: d["options"].update(mag_ratios=[[1.0, float("inf"), 0.9, 0.9]]),
+     r"options.mag_ratios\[0\]\[1\]"),
+    ("magcache", lambda d: d["options"].update(mag_ratios=[1.0, 0.9, 0.9, 0.9]), r"options.mag_ratios\[0\]"),
+    ("magcache", lambda d: d["options"].update(mag_ratios={"0": [1.0]}), "options.mag_ratios"),
+    ("magcache", lambda d: d["options"].update(retention_ratio=float("nan")), "options.retention_ratio"),
+    ("magcache", lambda d: d["options"].update(retention_ratio=2), "options.retention_ratio"),
+    ("magcache", lambda d: d["options"].update(max_skip_steps=1.5), "options.max_skip_steps"),
+])
+def test_bad_profile_fields_name_the_file_and_the_field(tmp_path, policy, change, field):
+    data = teacache_profile() if policy == "teacache" else magcache_profile()
+    change(data)
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(data))  # NaN / Infinity written as JSON's extension tokens
+    _rejects_file(path, policy, match=f"'{field}'")
+
+
+def test_profiles_given_as_objects_or_dicts_are_checked_too():
+    bad = Profile.from_dict(teacache_profile())
+    bad.options = {**bad.options, "threshold": float("nan")}
+    with pytest.raises(OptionError, match="'options.threshold'"):
+        parse_options({"policy": "teacache", "profile": bad})
+    data = teacache_profile()
+    data["options"] = {**data["options"], 1: "x"}
+    with pytest.raises(OptionError, match="option 'profile'.*key that is not a string"):
+        parse_options({"policy": "teacache", "profile": data})
+
+
+def test_profile_with_a_bom_and_numpy_free_json_loads(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(teacache_profile()).encode())
+    assert parse_options({"policy": "teacache", "profile": str(path)}).policy.config.threshold == 0.1
+
+
+def test_profile_read_errors_name_the_option(tmp_path):
+    with pytest.raises(OptionError, match="option 'profile'.*cannot read it"):
+        parse_options({"policy": "teacache", "profile": str(tmp_path)})  # a directory
+    with pytest.raises(OptionError, match="option 'profile'"):
+        parse_options({"policy": "teacache", "profile": "a\0b"})
+
+
+def test_profile_for_another_model_warns_once_per_cause(tmp_path, caplog):
+    """Two loads (two graphs compile, each parses its options) and two checks: one WARNING, then DEBUG."""
+    model = tiny_wan()
+    path = Profile.from_dict(teacache_profile()).save(tmp_path / "p.json")
+    with caplog.at_level(logging.DEBUG, logger="cachepass"):
+        for _ in range(2):
+            parse_options({"policy": "teacache", "profile": str(path)}).policy.check_model(model)
+    said = [r for r in caplog.records if "was made for Toy" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.WARNING, logging.DEBUG]
+    caplog.clear()
+    other = Profile.from_dict(teacache_profile()).save(tmp_path / "q.json")  # another cause: warns again
+    with caplog.at_level(logging.WARNING, logger="cachepass"):
+        parse_options({"policy": "teacache", "profile": str(other)}).policy.check_model(model)
+    assert sum("was made for Toy" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_profile_step_count_warning_once_across_loads(tmp_path, caplog):
+    path = Profile.from_dict(teacache_profile()).save(tmp_path / "p.json")
+    with caplog.at_level(logging.WARNING, logger="cachepass"):
+        for _ in range(2):  # e.g. two graphs of one model, each with its own parsed options
+            policy = parse_options({"policy": "teacache", "profile": str(path)}).policy
+            for stream in (0, 1):
+                policy.decide(policy.new_state(), CallContext(0, 0, stream, 30, None), torch.ones(2))
+    assert sum("calibrated at 50 steps but the model runs 30" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_magcache_resample_warning_once_not_per_stream(caplog):
+    options = {"policy": "magcache", "mag_ratios": [[1.0, 0.9, 0.9, 0.9], [1.0, 0.9, 0.9, 0.9]]}
+    with caplog.at_level(logging.DEBUG, logger="cachepass"):
+        for _ in range(2):  # two policy instances (two graphs) with the same ratios
+            policy = parse_options(options).policy
+            for stream in (0, 1):
+                magcache_decisions(policy, 8, num_steps=8, stream=stream)
+    said = [r for r in caplog.records if "calibrated for 4 steps but this generation has 8" in r.getMessage()]
+    assert [r.levelno for r in said][:1] == [logging.WARNING]
+    assert sum(r.levelno == logging.WARNING for r in said) == 1 and len(said) > 1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cachepass"):  # another step count is another cause
+        magcache_decisions(parse_options(options).policy, 6, num_steps=6)
+    assert sum("this generation has 6" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_threshold_search_replays_an_unbounded_threshold():
+    """Policies take finite thresholds only; the search's "no limit" replay still works."""
+    search, _, _ = _search("magcache", synthetic_recording(), "timestep_embedding", 4, {})
+    assert search.count(math.inf) == search.count(1e300)

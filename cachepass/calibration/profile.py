@@ -17,12 +17,18 @@ import dataclasses
 import hashlib
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._logging import get_logger
+import numpy as np
+
+from .._logging import get_logger, warn_once
 from ..errors import OptionError
+from ..policies.base import (
+    MAX_COEFFICIENTS, MAX_STEPS, MAX_STREAMS, Invalid, boolean, finite_number, integer, is_sequence, number_list, show,
+)
 
 log = get_logger(__name__)
 
@@ -67,43 +73,67 @@ class ModelFingerprint:
 
 # --- field checks --------------------------------------------------------------------------------
 
+#: A profile file larger than this is not read (10_000 steps x 64 streams of ratios fit in it).
+MAX_PROFILE_BYTES = 64 * 2**20
+
+
 def _fail(source: str, message: str) -> OptionError:
-    return OptionError(f"calibration profile {source}: {message}; make a new one with cachepass.calibrate(...) "
-                       "or `cachepass calibrate`")
+    return OptionError(f"calibration profile {source} is not a valid cachepass profile: {message}; make a new one "
+                       "with cachepass.calibrate(...) or `cachepass calibrate`")
 
 
-def _number(source, name, value, *, minimum=None, positive=False):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _fail(source, f"field {name!r} must be a number, got {value!r}")
-    if positive and not value > 0:
-        raise _fail(source, f"field {name!r} must be > 0, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise _fail(source, f"field {name!r} must be >= {minimum}, got {value!r}")
-    return float(value)
+def _field(source: str, name: str, exc: Invalid) -> OptionError:
+    if exc.index is not None:
+        name = f"{name}[{exc.index}]"
+    return _fail(source, f"field {name!r} {exc.detail}")
 
 
-def _integer(source, name, value, *, minimum=None):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _fail(source, f"field {name!r} must be an integer, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise _fail(source, f"field {name!r} must be >= {minimum}, got {value!r}")
-    return value
+def _number(source, name, value, *, minimum=None, maximum=None, positive=False):
+    try:
+        return finite_number(value, minimum=0.0 if positive else minimum, maximum=maximum, strict=positive)
+    except Invalid as exc:
+        raise _field(source, name, exc) from None
+
+
+def _integer(source, name, value, *, minimum=None, maximum=None):
+    try:
+        return integer(value, minimum=minimum, maximum=maximum)
+    except Invalid as exc:
+        raise _field(source, name, exc) from None
 
 
 def _typed(source, name, value, kind, what):
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise _fail(source, f"field {name!r} must be {what}, got {value!r}")
+        raise _fail(source, f"field {name!r} must be {what}, got {show(value)}")
     return value
 
 
-def _numbers(source, name, value, *, positive=False):
-    if not isinstance(value, list) or not value:
-        raise _fail(source, f"field {name!r} must be a non-empty list of numbers, got {value!r}")
-    return [_number(source, f"{name}[{i}]", v, positive=positive) for i, v in enumerate(value)]
+def _object(source, name, value) -> dict:
+    """A JSON object: a dict whose keys are all strings."""
+    if not isinstance(value, dict):
+        raise _fail(source, f"field {name!r} must be an object, got {show(value)}" if name != "(top level)" else
+                    f"the top level must be a JSON object, got {show(value)}")
+    bad = [k for k in value if not isinstance(k, str)]
+    if bad:
+        raise _fail(source, f"field {name!r} has a key that is not a string: {show(bad[0])}")
+    return value
+
+
+def _numbers(source, name, value, *, positive=False, max_length=MAX_STEPS):
+    if not is_sequence(value):
+        raise _fail(source, f"field {name!r} must be a non-empty list of numbers, got {show(value)}")
+    try:
+        return number_list(value, max_length=max_length, positive=positive)
+    except Invalid as exc:
+        if exc.index is not None:  # name the item: "field 'options.coefficients[1]' must be a finite number"
+            return [_number(source, f"{name}[{i}]", v, positive=positive) for i, v in enumerate(list(value))]
+        raise _field(source, name, exc) from None
 
 
 def _options(source: str, policy: str, options: Any, num_steps: int) -> dict:
-    _typed(source, "options", options, dict, "an object")
+    from ..policies.teacache import INDICATOR_CHOICES
+
+    _object(source, "options", options)
     out = {}
 
     def need(key):
@@ -114,18 +144,31 @@ def _options(source: str, policy: str, options: Any, num_steps: int) -> dict:
     out["threshold"] = _number(source, "options.threshold", need("threshold"), minimum=0.0)
     if policy == "magcache":  # optional: the replay's values, used unless the user sets them
         if "max_skip_steps" in options:
-            out["max_skip_steps"] = _integer(source, "options.max_skip_steps", options["max_skip_steps"], minimum=0)
+            out["max_skip_steps"] = _integer(source, "options.max_skip_steps", options["max_skip_steps"], minimum=0,
+                                             maximum=MAX_STEPS)
         if "retention_ratio" in options:
             out["retention_ratio"] = _number(source, "options.retention_ratio", options["retention_ratio"],
-                                             minimum=0.0)
+                                             minimum=0.0, maximum=1.0)
     if policy == "teacache":
-        out["indicator"] = _typed(source, "options.indicator", need("indicator"), str, "a string")
-        out["coefficients"] = _numbers(source, "options.coefficients", need("coefficients"))
-        out["ret_steps"] = _typed(source, "options.ret_steps", need("ret_steps"), bool, "true or false")
+        indicator = _typed(source, "options.indicator", need("indicator"), str, "a string")
+        if indicator not in INDICATOR_CHOICES:
+            raise _fail(source, f"field 'options.indicator' must be one of {', '.join(map(repr, INDICATOR_CHOICES))}, "
+                                f"got {show(indicator)}")
+        out["indicator"] = indicator
+        out["coefficients"] = _numbers(source, "options.coefficients", need("coefficients"),
+                                       max_length=MAX_COEFFICIENTS)
+        try:
+            out["ret_steps"] = boolean(need("ret_steps"))
+        except Invalid:
+            raise _fail(source, f"field 'options.ret_steps' must be true or false, got {show(options['ret_steps'])}") \
+                from None
     else:
         ratios = need("mag_ratios")
-        if not isinstance(ratios, list) or not ratios:
-            raise _fail(source, f"field 'options.mag_ratios' must be a list of per-stream lists, got {ratios!r}")
+        if isinstance(ratios, np.ndarray) and ratios.ndim == 2:
+            ratios = ratios.tolist()
+        if not isinstance(ratios, (list, tuple)) or not 1 <= len(ratios) <= MAX_STREAMS:
+            raise _fail(source, f"field 'options.mag_ratios' must be a list of 1 to {MAX_STREAMS} per-stream lists, "
+                                f"got {show(ratios)}")
         out["mag_ratios"] = [_numbers(source, f"options.mag_ratios[{i}]", r, positive=True)
                              for i, r in enumerate(ratios)]
         bad = [len(r) for r in out["mag_ratios"] if len(r) != num_steps]
@@ -133,7 +176,8 @@ def _options(source: str, policy: str, options: Any, num_steps: int) -> dict:
             raise _fail(source, f"field 'options.mag_ratios' has {bad[0]} ratios per stream for num_steps={num_steps}")
     unknown = sorted(set(options) - set(out))
     if unknown:
-        raise _fail(source, f"unknown field(s) {', '.join('options.' + k for k in unknown)} for policy {policy!r}")
+        raise _fail(source, f"unknown field(s) {', '.join(show('options.' + k) for k in unknown[:5])} "
+                            f"for policy {policy!r}")
     return out
 
 
@@ -150,7 +194,6 @@ class Profile:
     model: ModelFingerprint
     report: dict = field(default_factory=dict)
     source: str = "<memory>"
-    _warned_steps: set = field(default_factory=set, repr=False, compare=False)
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, "version": VERSION, "policy": self.policy, "num_steps": self.num_steps,
@@ -165,9 +208,12 @@ class Profile:
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "<dict>") -> "Profile":
-        _typed(source, "(top level)", data, dict, "a JSON object")
+        """The profile in ``data`` (a parsed JSON object), every field checked; :class:`OptionError` naming
+        ``source`` and the field otherwise."""
+        _object(source, "(top level)", data)
         if data.get("format") != FORMAT:
-            raise _fail(source, f"field 'format' must be {FORMAT!r}, got {data.get('format')!r} (not a cachepass profile?)")
+            raise _fail(source, f"field 'format' must be {FORMAT!r}, got {show(data.get('format'))} "
+                                "(not a cachepass profile?)")
         version = _integer(source, "version", data.get("version"))
         if version != VERSION:
             raise _fail(source, f"version {version} is not supported (this cachepass reads version {VERSION})")
@@ -175,39 +221,63 @@ class Profile:
             if key not in data:
                 raise _fail(source, f"field {key!r} is missing")
         policy = data["policy"]
-        if policy not in POLICIES:
-            raise _fail(source, f"field 'policy' must be one of {', '.join(map(repr, POLICIES))}, got {policy!r}")
-        num_steps = _integer(source, "num_steps", data["num_steps"], minimum=1)
-        model = _typed(source, "model", data["model"], dict, "an object")
+        if not isinstance(policy, str) or policy not in POLICIES:
+            raise _fail(source, f"field 'policy' must be one of {', '.join(map(repr, POLICIES))}, got {show(policy)}")
+        num_steps = _integer(source, "num_steps", data["num_steps"], minimum=1, maximum=MAX_STEPS)
+        model = _object(source, "model", data["model"])
         for key in ("class", "parameters", "digest"):
             if key not in model:
                 raise _fail(source, f"field 'model.{key}' is missing")
         fingerprint = ModelFingerprint(_typed(source, "model.class", model["class"], str, "a string"),
                                        _integer(source, "model.parameters", model["parameters"], minimum=0),
                                        _typed(source, "model.digest", model["digest"], str, "a string"))
-        report = _typed(source, "report", data.get("report", {}), dict, "an object")
+        report = _object(source, "report", data.get("report", {}))
         return cls(policy, _options(source, policy, data["options"], num_steps), num_steps, fingerprint,
                    report, source)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Profile":
+        """Read a profile file: JSON text (UTF-8), at most ``MAX_PROFILE_BYTES``, checked by :meth:`from_dict`.
+        Data only: nothing in it is imported or evaluated."""
         path = Path(path)
         try:
-            text = path.read_text()
+            info = path.stat()
         except OSError as exc:
-            raise OptionError(f"calibration profile {path}: cannot read it ({exc.strerror or exc})") from None
+            raise OptionError(f"option 'profile': calibration profile {path}: cannot read it ({exc.strerror or exc})") from None
+        except ValueError as exc:  # a NUL byte in the path
+            raise OptionError(f"option 'profile': cannot read calibration profile {show(str(path))} ({exc})") from None
+        if not stat.S_ISREG(info.st_mode):
+            raise OptionError(f"option 'profile': calibration profile {path}: cannot read it (not a regular file)")
+        if info.st_size > MAX_PROFILE_BYTES:
+            raise _fail(str(path), f"the file has {info.st_size} bytes, more than {MAX_PROFILE_BYTES}")
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(MAX_PROFILE_BYTES + 1)
+        except OSError as exc:
+            raise OptionError(f"option 'profile': calibration profile {path}: cannot read it ({exc.strerror or exc})") from None
+        if len(raw) > MAX_PROFILE_BYTES:
+            raise _fail(str(path), f"the file has more than {MAX_PROFILE_BYTES} bytes")
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise _fail(str(path), f"not UTF-8 text (a binary file? byte {exc.start} is {raw[exc.start]:#04x})") \
+                from None
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise _fail(str(path), f"not valid JSON ({exc})") from None
+        except RecursionError:
+            raise _fail(str(path), "not valid JSON for a profile (nested too deeply)") from None
+        except ValueError as exc:  # json.JSONDecodeError, or an integer of more than 4300 digits
+            raise _fail(str(path), f"not valid JSON ({str(exc)[:200]})") from None
         return cls.from_dict(data, str(path))
 
     def check_model(self, model) -> bool:
-        """Warn (once per call) when ``model`` is not the architecture this profile was calibrated on."""
+        """Warn when ``model`` is not the architecture this profile was calibrated on: once per profile and
+        model architecture (in this process), at DEBUG after."""
         now = ModelFingerprint.of(model)
         if now == self.model:
             return True
-        log.warning(
+        warn_once(
+            log, ("profile-model", self.source, self.model.digest, now.digest),
             "calibration profile %s was made for %s (%d parameters, fingerprint %s) but is applied to %s (%d "
             "parameters, fingerprint %s): its %s settings are unlikely to fit this model. Calibrate this model "
             "with cachepass.calibrate(...).", self.source, self.model.class_name, self.model.parameters,
@@ -215,13 +285,12 @@ class Profile:
         return False
 
     def check_steps(self, num_steps: int | None) -> bool:
-        """Warn when a generation has another step count than the one the profile was calibrated at."""
+        """Warn when a generation has another step count than the one the profile was calibrated at: once
+        per profile and step count (in this process, whatever the streams, graphs or loads), at DEBUG after."""
         if num_steps is None or num_steps == self.num_steps:
             return True
-        if num_steps in self._warned_steps:
-            return False
-        self._warned_steps.add(num_steps)
-        log.warning(
+        warn_once(
+            log, ("profile-steps", self.source, self.model.digest, self.num_steps, num_steps),
             "calibration profile %s was calibrated at %d steps but the model runs %d: the %s threshold no longer "
             "predicts the computed steps or the error. Calibrate again with this step count.",
             self.source, self.num_steps, num_steps, self.policy)
@@ -253,16 +322,19 @@ def fill_options(config, policy: str, defaults: dict[str, Any]):
 
 
 def load_profile(value: Any, policy: str | None = None) -> Profile:
-    """The option ``profile``: a :class:`Profile`, a path to a profile file, or its parsed dict."""
+    """The option ``profile``: a :class:`Profile` (checked again, field by field), a path to a profile file,
+    or its parsed dict."""
     if isinstance(value, Profile):
-        profile = value
-    elif isinstance(value, (str, os.PathLike)):
+        if not isinstance(value.model, ModelFingerprint):
+            raise _fail(value.source, f"field 'model' must be a ModelFingerprint, got {show(value.model)}")
+        profile = Profile.from_dict(value.to_dict(), value.source)
+    elif isinstance(value, (str, os.PathLike)) and str(value):
         profile = Profile.load(value)
     elif isinstance(value, dict):
-        profile = Profile.from_dict(value)
+        profile = Profile.from_dict(value, "(the dict given as option 'profile')")
     else:
         raise OptionError(f"option 'profile' must be a path to a calibration profile (JSON) or a "
-                          f"cachepass.calibration.Profile; got {value!r}")
+                          f"cachepass.calibration.Profile; got {show(value)}")
     if policy is not None and profile.policy != policy:
         raise OptionError(f"option 'profile': {profile.source} is a {profile.policy!r} profile, not a {policy!r} one; "
                           f"use policy={profile.policy!r} or calibrate with policy={policy!r}")

@@ -14,6 +14,7 @@ lengthen each skip span), so budgets are met by bisection.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -88,6 +89,8 @@ class ThresholdSearch:
         self._cache: dict[float, Replay] = {}
 
     def replay(self, threshold: float) -> Replay:
+        # policies take finite thresholds only; the largest float is "no limit" for any finite statistic
+        threshold = min(threshold, sys.float_info.max)
         if threshold not in self._cache:
             policy = self.make(threshold)
             trajs = self.recording.trajectories

@@ -37,7 +37,8 @@ import torch
 from .._logging import get_logger
 from ..errors import OptionError
 from .base import (
-    CallContext, Policy, PolicyConfig, Requirements, check_bool, check_int, check_optional_int, is_forced_step,
+    MAX_CODEBOOK, MAX_STEPS, MAX_TOKENS, CallContext, Invalid, Policy, PolicyConfig, Requirements, check_bool,
+    check_int, check_optional_int, finite_number, integer, is_forced_step, show,
 )
 from .distance import l1_ratio, l1_sums
 
@@ -68,7 +69,7 @@ CODEBOOK_STEPS = {"100": 100, "50": 50, "30-fast": 30}
 
 MOREG_SCALE, MOREG_POWER, MOGRAD_MUL = 0.385, 8, 10.0
 MOREG_WINDOW = (0.1, 0.9)
-_FEATURE = re.compile(r"^(block_output|attention_output):(middle|-?\d+)$")
+_FEATURE = re.compile(r"(block_output|attention_output):(middle|-?[0-9]{1,5})")
 
 
 def auto_codebook(num_steps: int | None) -> dict:
@@ -89,32 +90,35 @@ class AdaCacheConfig(PolicyConfig):
     final_steps: int = 2
 
     def validate(self) -> None:
-        if not isinstance(self.feature, str) or not _FEATURE.match(self.feature):
+        if not isinstance(self.feature, str) or not _FEATURE.fullmatch(self.feature):
             raise OptionError(
-                "option 'feature' must be 'block_output:K' or 'attention_output:K' (K an integer or "
-                f"'middle'); got {self.feature!r}"
+                "option 'feature' must be 'block_output:K' or 'attention_output:K' (K an integer of at most 5 "
+                f"digits, negative from the end, or 'middle'); got {show(self.feature)}"
             )
         check_bool("motion", self.motion)
-        check_optional_int("tokens_per_frame", self.tokens_per_frame, minimum=1)
-        check_int("warmup", self.warmup, minimum=1)
-        check_int("final_steps", self.final_steps, minimum=0)
+        check_optional_int("tokens_per_frame", self.tokens_per_frame, minimum=1, maximum=MAX_TOKENS)
+        check_int("warmup", self.warmup, minimum=1, maximum=MAX_STEPS)
+        check_int("final_steps", self.final_steps, minimum=0, maximum=MAX_STEPS)
         self.resolved_codebook(None)
 
     def resolved_codebook(self, num_steps: int | None) -> dict:
         book = self.codebook
-        if book == "auto":
+        if isinstance(book, str) and book == "auto":
             return auto_codebook(num_steps)
         if isinstance(book, str) and book in CODEBOOKS:
             return CODEBOOKS[book]
-        if isinstance(book, dict) and book and all(
-            isinstance(k, (int, float)) and not isinstance(k, bool) and k > 0
-            and isinstance(v, int) and not isinstance(v, bool) and v >= 1
-            for k, v in book.items()
-        ):
-            return dict(sorted(book.items()))
+        if isinstance(book, dict) and 1 <= len(book) <= MAX_CODEBOOK:
+            try:
+                out = {finite_number(k, minimum=0.0, strict=True): integer(v, minimum=1, maximum=MAX_STEPS)
+                       for k, v in book.items()}
+            except Invalid:
+                pass
+            else:
+                return dict(sorted(out.items()))
         raise OptionError(
-            f"option 'codebook' must be 'auto', one of {', '.join(map(repr, CODEBOOKS))}, or a dict "
-            f"{{distance upper bound > 0: interval >= 1}}; got {book!r}"
+            f"option 'codebook' must be 'auto', one of {', '.join(map(repr, CODEBOOKS))}, or a dict of 1 to "
+            f"{MAX_CODEBOOK} entries {{distance upper bound, a finite number > 0: interval, an integer in "
+            f"[1, {MAX_STEPS}]}}; got {show(book)}"
         )
 
 

@@ -15,10 +15,13 @@ A policy is split in two so that the compiler pass never needs to know the algor
 from __future__ import annotations
 
 import dataclasses
+import math
+import reprlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from ..distributed import LOCAL, DecisionSync
@@ -109,37 +112,210 @@ class Policy(ABC):
         its profile was made for another model)."""
 
 
-# --- option checking helpers shared by every policy config -------------------------------------
+# --- option checking: the one set of checks every option and profile field goes through --------
 
-def check_int(name: str, value: Any, *, minimum: int | None = None, maximum: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise OptionError(f"option {name!r} must be an integer, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise OptionError(f"option {name!r} must be >= {minimum}, got {value}")
-    if maximum is not None and value > maximum:
-        raise OptionError(f"option {name!r} must be <= {maximum}, got {value}")
+#: Documented maxima (docs/policies.md). Steps per generation, and so every step count or interval option.
+MAX_STEPS = 10_000
+#: Streams (cond, uncond, ...) a magcache ratio table may hold.
+MAX_STREAMS = 64
+#: Coefficients of a TeaCache polynomial (degree 31 at most).
+MAX_COEFFICIENTS = 32
+#: Entries of an AdaCache codebook.
+MAX_CODEBOOK = 64
+#: Blocks a ``Fn`` / ``Bn`` option may name.
+MAX_BLOCKS = 10_000
+#: Tokens per frame (``tokens_per_frame``).
+MAX_TOKENS = 2**31 - 1
 
-
-def check_float(name: str, value: Any, *, minimum: float | None = None, strict: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise OptionError(f"option {name!r} must be a number, got {value!r}")
-    if minimum is not None and (value <= minimum if strict else value < minimum):
-        raise OptionError(f"option {name!r} must be {'>' if strict else '>='} {minimum}, got {value}")
-
-
-def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
-    if value not in choices:
-        raise OptionError(f"option {name!r} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+_SHOW = reprlib.Repr()
+_SHOW.maxlevel, _SHOW.maxlist, _SHOW.maxtuple, _SHOW.maxdict, _SHOW.maxset = 3, 6, 6, 4, 4
+_SHOW.maxstring, _SHOW.maxother, _SHOW.maxlong = 40, 40, 24
 
 
-def check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise OptionError(f"option {name!r} must be True or False, got {value!r}")
+def show(value: Any) -> str:
+    """A short ``repr`` for messages: bounded in length and depth, safe on any object."""
+    try:
+        return _SHOW.repr(value)
+    except Exception:  # a broken __repr__ (reprlib already guards most)
+        return f"<{type(value).__name__} object>"
 
 
-def check_optional_int(name: str, value: Any, *, minimum: int | None = None, maximum: int | None = None) -> None:
-    if value is not None:
-        check_int(name, value, minimum=minimum, maximum=maximum)
+class Invalid(Exception):
+    """Why a value is invalid (``must be ..., got ...``); the caller adds the option or field name.
+    ``index``: the list item at fault, for a list."""
+
+    def __init__(self, detail: str, index: Any = None, problem: str | None = None) -> None:
+        super().__init__(detail)
+        self.detail, self.index = detail, index
+        self.problem = problem if problem is not None else detail  # the detail without "must be ..."
+
+
+def is_bool(value: Any) -> bool:
+    return isinstance(value, (bool, np.bool_))
+
+
+def is_integer(value: Any) -> bool:
+    """An ``int`` or a numpy integer; never a bool."""
+    return isinstance(value, (int, np.integer)) and not is_bool(value)
+
+
+def is_real(value: Any) -> bool:
+    """An ``int``, ``float`` or numpy integer / floating scalar; never a bool (nor a complex, a string, a
+    tensor or a ``Decimal``)."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not is_bool(value)
+
+
+def _num(x) -> str:
+    return format(x, "g") if isinstance(x, float) else str(x)
+
+
+def _range(minimum, maximum, strict) -> str:
+    minimum, maximum = (None if x is None else _num(x) for x in (minimum, maximum))
+    if minimum is not None and maximum is not None:
+        return f" in {'(' if strict else '['}{minimum}, {maximum}]"
+    if minimum is not None:
+        return f" {'>' if strict else '>='} {minimum}"
+    return f" <= {maximum}" if maximum is not None else ""
+
+
+def finite_number(value: Any, *, minimum: float | None = None, maximum: float | None = None,
+                  strict: bool = False) -> float:
+    """``value`` as a finite ``float`` in range (``strict``: above ``minimum``), else :class:`Invalid`."""
+    want = f"a finite number{_range(minimum, maximum, strict)}"
+    if not is_real(value):
+        raise Invalid(f"must be {want}, got {show(value)}")
+    try:
+        number = float(value)
+    except (OverflowError, ValueError):
+        number = math.inf
+    if not math.isfinite(number):
+        raise Invalid(f"must be {want}, got {show(value)}")
+    if minimum is not None and (number <= minimum if strict else number < minimum):
+        raise Invalid(f"must be{_range(minimum, None, strict)}, got {show(value)}")
+    if maximum is not None and number > maximum:
+        raise Invalid(f"must be{_range(None, maximum, False)}, got {show(value)}")
+    return number
+
+
+def integer(value: Any, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    """``value`` as an ``int`` in range, else :class:`Invalid` (a float, even 2.0, is not an integer)."""
+    want = f"an integer{_range(minimum, maximum, False)}"
+    if not is_integer(value):
+        raise Invalid(f"must be {want}, got {show(value)}")
+    number = int(value)
+    if minimum is not None and number < minimum:
+        raise Invalid(f"must be{_range(minimum, None, False)}, got {show(value)}")
+    if maximum is not None and number > maximum:
+        raise Invalid(f"must be{_range(None, maximum, False)}, got {show(value)}")
+    return number
+
+
+def boolean(value: Any) -> bool:
+    if not is_bool(value):
+        raise Invalid(f"must be True or False, got {show(value)}")
+    return bool(value)
+
+
+def is_sequence(value: Any) -> bool:
+    """A real list or tuple (a 1-d numpy array counts): not a string, a dict, a set or a scalar."""
+    return isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray) and value.ndim == 1)
+
+
+def number_list(value: Any, *, max_length: int, positive: bool = False, what: str = "numbers") -> list[float]:
+    """``value`` as a list of 1 to ``max_length`` finite numbers (``positive``: each > 0), else
+    :class:`Invalid` (``index`` set when one item is at fault)."""
+    want = f"a list of 1 to {max_length} finite{' positive' if positive else ''} {what}"
+    if not is_sequence(value):
+        raise Invalid(f"must be {want}, got {show(value)}", problem=f"got {show(value)}")
+    items = value.tolist() if isinstance(value, np.ndarray) else value
+    if not 1 <= len(items) <= max_length:
+        raise Invalid(f"must be {want}, got {len(items)} items", problem=f"got {len(items)} items")
+    out = []
+    for i, item in enumerate(items):
+        try:
+            out.append(finite_number(item, minimum=0.0 if positive else None, strict=positive))
+        except Invalid as exc:
+            raise Invalid(f"must be {want}; item {i} {exc.detail}", index=i, problem=f"item {i} {exc.detail}") \
+                from None
+    return out
+
+
+def native(value: Any, depth: int = 0) -> Any:
+    """``value`` with numpy scalars made Python ``bool`` / ``int`` / ``float`` and numeric numpy arrays made
+    lists, inside lists, tuples and dicts too (to a small depth: deeper values are left for the checks to
+    reject). Everything else is returned as it is."""
+    if isinstance(value, np.generic):
+        if isinstance(value, np.bool_):
+            return bool(value)
+        if isinstance(value, np.integer):
+            return int(value)
+        if isinstance(value, np.floating):
+            try:
+                return float(value)
+            except OverflowError:
+                return math.inf
+        return value
+    if depth >= 8:
+        return value
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind in "biuf" and value.ndim <= 2 and value.size <= MAX_STEPS * MAX_STREAMS:
+            return native(value.tolist(), depth + 1)
+        return value
+    if type(value) in (list, tuple):
+        return type(value)(native(v, depth + 1) for v in value)
+    if type(value) is dict:
+        return {native(k, depth + 1): native(v, depth + 1) for k, v in value.items()}
+    return value
+
+
+def _option(name: str, exc: Invalid) -> OptionError:
+    return OptionError(f"option {name!r} {exc.detail}")
+
+
+def check_int(name: str, value: Any, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    try:
+        return integer(value, minimum=minimum, maximum=maximum)
+    except Invalid as exc:
+        raise _option(name, exc) from None
+
+
+def check_float(name: str, value: Any, *, minimum: float | None = None, maximum: float | None = None,
+                strict: bool = False) -> float:
+    try:
+        return finite_number(value, minimum=minimum, maximum=maximum, strict=strict)
+    except Invalid as exc:
+        raise _option(name, exc) from None
+
+
+def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> Any:
+    if all(isinstance(c, str) for c in choices):
+        ok = isinstance(value, str) and value in choices
+    else:
+        ok = any(value is c or (type(value) is type(c) and value == c) for c in choices)
+    if not ok:
+        raise OptionError(f"option {name!r} must be one of {', '.join(map(repr, choices))}; got {show(value)}")
+    return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    try:
+        return boolean(value)
+    except Invalid as exc:
+        raise _option(name, exc) from None
+
+
+def check_optional_int(name: str, value: Any, *, minimum: int | None = None,
+                       maximum: int | None = None) -> int | None:
+    if value is None:
+        return None
+    return check_int(name, value, minimum=minimum, maximum=maximum)
+
+
+def check_numbers(name: str, value: Any, *, max_length: int, positive: bool = False) -> list[float]:
+    try:
+        return number_list(value, max_length=max_length, positive=positive)
+    except Invalid as exc:
+        raise _option(name, exc) from None
 
 
 # --- schedule helpers --------------------------------------------------------------------------

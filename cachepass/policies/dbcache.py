@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from ..reconstruction import Reconstruction, ResidualReuse, TaylorReuse
 from ..taylor import MAX_ORDER
-from .base import Requirements, check_int, check_optional_int
+from .base import MAX_BLOCKS, Requirements, check_int, check_optional_int
 from .fbcache import FBCacheConfig, FBCachePolicy
 
 
@@ -30,8 +30,8 @@ class DBCacheConfig(FBCacheConfig):
 
     def validate(self) -> None:
         super().validate()
-        check_int("Fn", self.Fn, minimum=1)
-        check_int("Bn", self.Bn, minimum=0)
+        check_int("Fn", self.Fn, minimum=1, maximum=MAX_BLOCKS)
+        check_int("Bn", self.Bn, minimum=0, maximum=MAX_BLOCKS)
         check_optional_int("taylor", self.taylor, minimum=1, maximum=MAX_ORDER)
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..reconstruction import Reconstruction, ResidualReuse
-from .base import CallContext, Policy, PolicyConfig, Requirements, check_float, check_int, is_forced_step
+from .base import MAX_STEPS, CallContext, Policy, PolicyConfig, Requirements, check_float, check_int, is_forced_step
 from .distance import relative_l1
 
 
@@ -27,8 +27,8 @@ class FBCacheConfig(PolicyConfig):
 
     def validate(self) -> None:
         check_float("threshold", self.threshold, minimum=0.0)
-        check_int("warmup", self.warmup, minimum=1)
-        check_int("final_steps", self.final_steps, minimum=0)
+        check_int("warmup", self.warmup, minimum=1, maximum=MAX_STEPS)
+        check_int("final_steps", self.final_steps, minimum=0, maximum=MAX_STEPS)
 
 
 @dataclass

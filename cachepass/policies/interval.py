@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Policy, PolicyConfig, Requirements, check_bool, check_int
+from .base import MAX_STEPS, Policy, PolicyConfig, Requirements, check_bool, check_int
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,7 @@ class IntervalConfig(PolicyConfig):
     compute_last: bool = False
 
     def validate(self) -> None:
-        check_int("interval", self.interval, minimum=1)
+        check_int("interval", self.interval, minimum=1, maximum=MAX_STEPS)
         check_bool("compute_last", self.compute_last)
 
 

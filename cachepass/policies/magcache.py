@@ -22,9 +22,14 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .._logging import get_logger
+import numpy as np
+
+from .._logging import get_logger, warn_once
 from ..errors import OptionError
-from .base import CallContext, Policy, PolicyConfig, Requirements, check_float, check_int
+from .base import (
+    MAX_STEPS, MAX_STREAMS, CallContext, Invalid, Policy, PolicyConfig, Requirements, check_float, check_int,
+    is_sequence, number_list, show,
+)
 
 log = get_logger(__name__)
 
@@ -50,33 +55,51 @@ class MagCacheConfig(PolicyConfig):
         from ..calibration.profile import fill_options
 
         config, _ = fill_options(self, "magcache", UNSET_DEFAULTS)
-        check_float("threshold", config.threshold, minimum=0.0)
-        check_int("max_skip_steps", config.max_skip_steps, minimum=0)
-        check_float("retention_ratio", config.retention_ratio, minimum=0.0)
-        if config.retention_ratio > 1:
-            raise OptionError(f"option 'retention_ratio' must be in [0, 1], got {config.retention_ratio}")
+        threshold = check_float("threshold", config.threshold, minimum=0.0)
+        max_skip = check_int("max_skip_steps", config.max_skip_steps, minimum=0, maximum=MAX_STEPS)
+        retention = check_float("retention_ratio", config.retention_ratio, minimum=0.0, maximum=1.0)
         if config.mag_ratios is None:
             raise OptionError(
-                "policy 'magcache' needs the model's magnitude ratios: pass profile=PATH (from "
-                "cachepass.calibrate(..., policy='magcache') or `cachepass calibrate`) or mag_ratios=[...]"
+                "policy 'magcache' needs the model's magnitude ratios: set option 'profile' (a profile from "
+                "cachepass.calibrate(..., policy='magcache') or `cachepass calibrate`) or option 'mag_ratios'"
             )
-        return replace(config, mag_ratios=ratios_per_stream(config.mag_ratios))
+        return replace(config, threshold=threshold, max_skip_steps=max_skip, retention_ratio=retention,
+                       mag_ratios=ratios_per_stream(config.mag_ratios))
 
 
 def ratios_per_stream(value: Any) -> list[list[float]]:
-    """The option ``mag_ratios`` as one list of per-step ratios per stream (a flat list: all streams)."""
-    rows = value if value and all(isinstance(v, (list, tuple)) for v in value) else [value]
+    """The option ``mag_ratios`` as one list of per-step ratios per stream (a flat list: all streams).
+
+    A list (or tuple, or numpy array) of 1 to ``MAX_STEPS`` finite positive numbers, or a list of 1 to
+    ``MAX_STREAMS`` such lists of one length; a dict, a string or a scalar is an error."""
+    want = (f"a list of 1 to {MAX_STEPS} finite positive numbers (one per step) or a list of 1 to {MAX_STREAMS} "
+            "such lists of the same length (one per stream)")
+    if isinstance(value, np.ndarray) and value.ndim == 2:
+        value = value.tolist()
+    if not is_sequence(value) or len(value) == 0:
+        raise OptionError(f"option 'mag_ratios' must be {want}; got {show(value)}")
+    nested = [is_sequence(v) for v in (value.tolist() if isinstance(value, np.ndarray) else value)]
     try:
-        out = [[float(r) for r in row] for row in rows]
-        ok = all(row and all(r > 0 for r in row) and not any(isinstance(r, bool) for r in row) for row in rows)
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise OptionError(
-            "option 'mag_ratios' must be a non-empty list of positive numbers (one per step) or a list of such "
-            f"lists (one per stream); got {value!r}"
-        )
-    return out
+        if all(nested):
+            if len(value) > MAX_STREAMS:
+                raise Invalid(f"got {len(value)} streams")
+            rows = []
+            for i, row in enumerate(value):
+                try:
+                    rows.append(number_list(row, max_length=MAX_STEPS, positive=True))
+                except Invalid as exc:
+                    raise Invalid(f"stream {i}: {exc.problem}") from None
+            if len({len(r) for r in rows}) > 1:
+                raise Invalid(f"got streams of {', '.join(str(len(r)) for r in rows)} ratios")
+            return rows
+        if any(nested):
+            raise Invalid(f"got a mix of lists and numbers: {show(value)}")
+        try:
+            return [number_list(value, max_length=MAX_STEPS, positive=True)]
+        except Invalid as exc:
+            raise Invalid(exc.problem) from None
+    except Invalid as exc:
+        raise OptionError(f"option 'mag_ratios' must be {want}; {exc.detail}") from None
 
 
 def nearest_resample(ratios: list[float], length: int) -> list[float]:
@@ -108,6 +131,9 @@ class MagCachePolicy(Policy):
         super().__init__(config.resolved())
         self.calibrated_steps = len(self.config.mag_ratios[0])
         self._resampled: dict[tuple[int, int], list[float]] = {}
+        # what the warnings below are about: these ratios (one warning per ratio table and step count, not
+        # per stream, compiled graph or policy instance)
+        self._ratios_key = hash(tuple(map(tuple, self.config.mag_ratios)))
 
     def requirements(self) -> Requirements:
         return Requirements(indicator=None)
@@ -125,13 +151,14 @@ class MagCachePolicy(Policy):
         if key not in self._resampled:
             table = self.config.mag_ratios
             if stream >= len(table) and len(table) > 1:
-                log.warning("magcache: stream %d has no calibrated ratios (%d streams calibrated); using "
-                            "stream %d's", stream, len(table), len(table) - 1)
+                warn_once(log, ("magcache-streams", self._ratios_key, len(table), stream),
+                          "magcache: stream %d has no calibrated ratios (%d streams calibrated); using stream %d's",
+                          stream, len(table), len(table) - 1)
             if num_steps != self.calibrated_steps:
-                log.warning(
-                    "magcache: the ratios were calibrated for %d steps but this generation has %d; they are "
-                    "resampled by nearest step, which only approximates the model. Calibrate again for %d "
-                    "steps (cachepass.calibrate).", self.calibrated_steps, num_steps, num_steps)
+                warn_once(log, ("magcache-resample", self._ratios_key, num_steps),
+                          "magcache: the ratios were calibrated for %d steps but this generation has %d; they are "
+                          "resampled by nearest step, which only approximates the model. Calibrate again for %d "
+                          "steps (cachepass.calibrate).", self.calibrated_steps, num_steps, num_steps)
             self._resampled[key] = nearest_resample(table[min(stream, len(table) - 1)], num_steps)
         return self._resampled[key]
 

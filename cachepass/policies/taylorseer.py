@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from ..reconstruction import GRANULARITIES, TaylorReuse
 from ..taylor import MAX_ORDER
-from .base import CallContext, Policy, PolicyConfig, Requirements, check_choice, check_int, is_forced_step
+from .base import MAX_STEPS, CallContext, Policy, PolicyConfig, Requirements, check_choice, check_int, is_forced_step
 
 @dataclass(frozen=True)
 class TaylorSeerConfig(PolicyConfig):
@@ -31,10 +31,10 @@ class TaylorSeerConfig(PolicyConfig):
     granularity: str = "stack"
 
     def validate(self) -> None:
-        check_int("interval", self.interval, minimum=1)
+        check_int("interval", self.interval, minimum=1, maximum=MAX_STEPS)
         check_int("order", self.order, minimum=1, maximum=MAX_ORDER)
-        check_int("warmup", self.warmup, minimum=1)
-        check_int("final_steps", self.final_steps, minimum=0)
+        check_int("warmup", self.warmup, minimum=1, maximum=MAX_STEPS)
+        check_int("final_steps", self.final_steps, minimum=0, maximum=MAX_STEPS)
         check_choice("granularity", self.granularity, GRANULARITIES)
 
 

@@ -11,14 +11,17 @@ output change; reuse the cached residual while ``acc < threshold``, else compute
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
 
-from .._logging import get_logger
+from .._logging import get_logger, warn_once
 from ..errors import OptionError
-from .base import CallContext, Policy, PolicyConfig, Requirements, check_bool, check_choice, check_float, is_forced_step
+from .base import (
+    MAX_COEFFICIENTS, CallContext, Invalid, Policy, PolicyConfig, Requirements, check_bool, check_choice, check_float,
+    is_forced_step, number_list, show,
+)
 from .distance import relative_l1
 
 log = get_logger(__name__)
@@ -62,6 +65,8 @@ class TeaCacheConfig(PolicyConfig):
         is an error rather than a silent mismatch."""
         from ..calibration.profile import fill_options
 
+        if self.indicator is not None:  # checked before the profile's is compared with it
+            check_choice("indicator", self.indicator, INDICATOR_CHOICES)
         # only options whose class default is None are filled: a subclass's own default (customcache's
         # threshold 0.26) stays, and None given for it is still an error
         fillable = {f.name for f in fields(self) if f.default is None}
@@ -73,40 +78,40 @@ class TeaCacheConfig(PolicyConfig):
                 f"{profile.options['indicator']!r}; leave 'indicator' unset or calibrate with "
                 f"indicator={self.indicator!r}"
             )
-        check_float("threshold", config.threshold, minimum=0.0)
+        threshold = check_float("threshold", config.threshold, minimum=0.0)
         check_choice("indicator", config.indicator, INDICATOR_CHOICES)
-        check_bool("ret_steps", config.ret_steps)
-        resolve_coefficients(config.coefficients, config.ret_steps)
-        return config
+        ret_steps = check_bool("ret_steps", config.ret_steps)
+        resolve_coefficients(config.coefficients, ret_steps)
+        return replace(config, threshold=threshold, ret_steps=ret_steps)
 
 
 def resolve_coefficients(value: Any, ret_steps: bool, warn: bool = False) -> tuple[float, ...]:
     """The polynomial coefficients for the option ``coefficients`` (``None``: the T2V 1.3B set that
     matches ``ret_steps``), highest power first. A preset fitted for the other ``ret_steps`` setting only
-    warns. Presets have 5 (degree 4); a calibrated polynomial may have another degree."""
+    warns (once per preset and setting). Presets have 5 (degree 4); a calibrated polynomial may have
+    another degree, up to ``MAX_COEFFICIENTS - 1``. A list (or tuple, or 1-d numpy array) of finite numbers:
+    a dict, a set, a string other than a preset name or a scalar is an error."""
     if value is None:
         value = "wan2.1-t2v-1.3b-ret" if ret_steps else "wan2.1-t2v-1.3b"
     if isinstance(value, str):
         if value not in COEFFICIENT_PRESETS:
             raise OptionError(
                 f"option 'coefficients' must be a list of 5 numbers or one of "
-                f"{', '.join(map(repr, COEFFICIENT_PRESETS))}; got {value!r}"
+                f"{', '.join(map(repr, COEFFICIENT_PRESETS))}; got {show(value)}"
             )
         if warn and value != "identity" and value.endswith("-ret") != ret_steps:
-            log.warning("teacache: coefficients %r were fitted with use_ret_steps=%s but ret_steps=%s",
-                        value, not ret_steps, ret_steps)
+            warn_once(log, ("teacache-preset", value, bool(ret_steps)),
+                      "teacache: coefficients %r were fitted with use_ret_steps=%s but ret_steps=%s",
+                      value, not ret_steps, ret_steps)
         return COEFFICIENT_PRESETS[value]
     try:
-        coeffs = tuple(value)
-    except TypeError:
-        coeffs = ()
-    if not coeffs or not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in coeffs):
+        return tuple(number_list(value, max_length=MAX_COEFFICIENTS))
+    except Invalid as exc:
         raise OptionError(
-            f"option 'coefficients' must be a list of numbers (numpy.poly1d order, highest power first; 5 for "
-            f"TeaCache's degree 4) "
-            f"or one of {', '.join(map(repr, COEFFICIENT_PRESETS))}; got {value!r}"
-        )
-    return tuple(float(c) for c in coeffs)
+            f"option 'coefficients' must be one of {', '.join(map(repr, COEFFICIENT_PRESETS))} or a list of 1 to "
+            f"{MAX_COEFFICIENTS} finite numbers (numpy.poly1d order, highest power first; 5 for TeaCache's degree "
+            f"4); {exc.problem}"
+        ) from None
 
 
 @dataclass
