@@ -8,7 +8,8 @@ from .runtime.state import Stats, runtime_for
 
 def stats(model) -> Stats:
     """Per stream, which steps computed the blocks and which reused the cache (current generation),
-    plus the previous generations and totals. ``model`` is the compiled or the original module."""
+    plus the previous generations and totals, for this module instance (the compiled or the original
+    module; another instance of the same class has its own)."""
     runtime = runtime_for(model, create=False)
     if runtime is None:
         return Stats(None, False, "this model was never run with backend='cachepass'", 0, [], [], 0, 0)
@@ -16,7 +17,8 @@ def stats(model) -> Stats:
 
 
 def reset(model) -> None:
-    """Forget every cache and the step position: the next call starts a new generation."""
+    """Forget this instance's caches and step position: the next call starts a new generation (inside a
+    diffusers pipeline this happens by itself at the end of every pipeline call)."""
     runtime = runtime_for(model, create=False)
     if runtime is not None:
         runtime.reset()

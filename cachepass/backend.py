@@ -15,19 +15,22 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.fx as fx
 
-from ._logging import get_logger
+from ._logging import get_logger, warn_once
 from .analysis.structure import analyse
-from .analysis.values import source_name
+from .analysis.values import is_user_input, source_name
 from .distributed import DecisionSync
-from .errors import OptionError, UnsupportedStructure
+from .errors import NoBlockStack, OptionError, UnsupportedStructure
 from .options import Settings, parse_options
-from .runtime.program import CachedProgram
-from .runtime.state import ProgramState, runtime_for
+from .runtime import signals
+from .runtime.identity import InstanceIdentity
+from .runtime.program import CachedProgram, UncachedProgram
+from .runtime.state import runtime_for
 from .transform.compile import compile_piece, example_inputs_for
 from .transform.partition import partition
 from .transform.variants import build_variants
 
 log = get_logger(__name__)
+signals.install()  # diffusers' cache_context reaches cachepass from the first pipeline call on
 
 _ROOT = re.compile(r"^(L|G)\['([^']+)'\]")
 
@@ -59,38 +62,78 @@ def find_root_module(gm: fx.GraphModule) -> torch.nn.Module | None:
     return None
 
 
-def _fallback(gm, example_inputs, settings: Settings, reason: str, runtime) -> Callable:
-    if runtime is not None:
-        runtime.fallback_reasons.append(reason)
-    log.warning(
+def _model_key(root) -> Any:
+    """What a once-per-model warning is keyed on (the module's id while it lives)."""
+    return id(root) if root is not None else None
+
+
+def _fallback(gm, example_inputs, settings: Settings, reason: str, root, identity: InstanceIdentity,
+              counts: bool = True) -> Callable:
+    """The unchanged graph compiled by ``inner``, wrapped so its calls count as uncached (``counts``:
+    not for a graph that holds no blocks beside other graphs of the model)."""
+    if root is not None:
+        runtime = runtime_for(root)
+        if reason not in runtime.fallback_reasons:
+            runtime.fallback_reasons.append(reason)
+    warn_once(
+        log, ("fallback", reason, _model_key(root)),
         "cachepass: caching is off for this graph: %s. The graph runs unchanged, compiled by inner=%r; "
         "outputs equal a plain torch.compile.",
         reason, settings.inner if isinstance(settings.inner, str) else getattr(settings.inner, "__name__", "callable"),
     )
-    return compile_piece(gm, example_inputs, settings.inner, settings.inductor_mode)
+    compiled = compile_piece(gm, example_inputs, settings.inner, settings.inductor_mode)
+    return UncachedProgram(compiled, identity, reason, counts)
 
 
 def _never_reused(*args):
     raise AssertionError("cachepass: the policy declared it never reuses, yet a reuse was requested")
 
 
+def settings_key(settings: Settings) -> tuple:
+    """What tells one compile's options from another's (stats count the calls of the current one)."""
+    return settings.policy_name, repr(settings.policy.config), settings.num_steps
+
+
+def signature_inputs(placeholders) -> list[int]:
+    """The caller inputs a cache entry's signature is made of: every tensor and scalar argument, not the
+    sizes Dynamo lifts out of tensors under dynamic shapes (``x.size()[1]``: the tensor's shape has it),
+    so that a shape-generic graph and the static one it replaced agree on a call's signature."""
+    out = []
+    for i, node in enumerate(placeholders):
+        name = source_name(node)
+        if is_user_input(node) and not any(k in name for k in (".size()", ".stride()", ".storage_offset()")):
+            out.append(i)
+    return out
+
+
 def compile_with_settings(gm: fx.GraphModule, example_inputs: Sequence, settings: Settings) -> Callable:
-    """Build the cache-aware program for one Dynamo graph (or the fallback)."""
+    """Build the cache-aware program for one Dynamo graph (or the fallback).
+
+    The program is shared by every instance of the module's class that Dynamo serves with this graph;
+    all its state lives per instance (:mod:`cachepass.runtime.state`)."""
     root = find_root_module(gm)
-    runtime = runtime_for(root if root is not None else gm)
+    identity = InstanceIdentity(gm, root)
     if root is not None:
         settings.policy.check_model(root)
+        if root.training:
+            warn_once(
+                log, ("training", _model_key(root)),
+                "cachepass: %s is in training mode: dropout and other train-time layers are active, so the "
+                "outputs are random and a cached step stands for none of them. Call model.eval() for "
+                "inference.", type(root).__name__)
     if torch.is_grad_enabled():
         return _fallback(gm, example_inputs, settings,
                          "grad mode is on (caching is for inference: run under torch.no_grad() "
-                         "or torch.inference_mode())", runtime)
+                         "or torch.inference_mode())", root, identity)
     try:
         structure = analyse(gm, root)
         requirements = settings.policy.requirements()
         part = partition(structure, requirements)
         variants = build_variants(gm, structure, part, requirements)
+    except NoBlockStack as exc:
+        return _fallback(gm, example_inputs, settings, str(exc), root, identity, counts=False)
     except UnsupportedStructure as exc:
-        return _fallback(gm, example_inputs, settings, str(exc), runtime)
+        return _fallback(gm, example_inputs, settings, str(exc), root, identity)
 
     pieces = {}
     names = ("head", "compute", "reuse") if requirements.reuses else ("head", "compute")
@@ -103,20 +146,23 @@ def compile_with_settings(gm: fx.GraphModule, example_inputs: Sequence, settings
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     timestep_index = placeholders.index(structure.timestep_input) if structure.timestep_input is not None else None
     if timestep_index is None:
-        log.warning(
-            "cachepass: no timestep input found (no small input feeding a sin/cos embedding): every call "
-            "counts as a new step of one stream; pass num_steps=... or call cachepass.reset(model) "
-            "between generations."
+        warn_once(
+            log, ("no timestep", _model_key(root)),
+            "cachepass: no timestep input found (no small input feeding a sin/cos embedding): outside a "
+            "diffusers pipeline every call counts as a new step of one stream; pass num_steps=... or call "
+            "cachepass.reset(model) between generations.",
         )
-    state = ProgramState(settings.policy, requirements.reconstruction, settings.num_steps,
-                         DecisionSync(settings.sync, settings.process_group))
-    runtime.programs.append(state)
     program = CachedProgram(
-        pieces["head"], pieces["compute"], pieces["reuse"], state=state,
+        pieces["head"], pieces["compute"], pieces["reuse"],
+        policy=settings.policy, reconstruction=requirements.reconstruction, settings_key=settings_key(settings),
+        num_steps=settings.num_steps, sync=DecisionSync(settings.sync, settings.process_group),
+        identity=identity, input_indices=signature_inputs(placeholders),
         has_indicator=variants.has_indicator, num_outputs=variants.num_outputs,
-        num_cache_writes=variants.num_cache_writes, timestep_index=timestep_index,
+        num_cache_writes=variants.num_cache_writes, timestep_index=timestep_index, reuses=requirements.reuses,
+        layout=(settings_key(settings), variants.num_outputs, variants.num_cache_writes, variants.has_indicator,
+                tuple(b.module.qualified_name for b in structure.blocks),
+                tuple(source_name(s.input) for s in structure.stream)),
     )
-    program.on_call = lambda s: setattr(runtime, "last_active", s)
     log.info(
         "cachepass: policy %r on %d blocks (%s), %d residual-stream tensor(s); head %d / body %d / tail %d nodes",
         settings.policy_name, len(structure.blocks), ", ".join(s.parent for s in structure.stacks),
@@ -145,7 +191,7 @@ class CachepassBackend:
 
     __name__ = "cachepass"
 
-    def __init__(self, **options: Any) -> None:
+    def __init__(self, /, **options: Any) -> None:
         self.settings = parse_options(options)
         self.options = dict(options)
 

@@ -23,3 +23,8 @@ class OptionError(ValueError, ShortenTraceback):
 
 class UnsupportedStructure(Exception):
     """The analysis could not make a cacheable program of this graph; the backend falls back."""
+
+
+class NoBlockStack(UnsupportedStructure):
+    """The graph holds no run of same-class blocks: nothing in it to cache (it may be a helper graph
+    beside the one that holds the stack)."""

@@ -124,3 +124,34 @@ def run_wan_pipeline(pipe, steps: int = 8, seed: int = 0, guidance_scale: float 
             num_inference_steps=steps, guidance_scale=guidance_scale, output_type="latent",
             generator=torch.Generator().manual_seed(seed),
         ).frames
+
+
+def tiny_wan_two_expert_pipeline(high=None, low=None, boundary_ratio: float = 0.5):
+    """Wan2.2's layout: ``transformer`` for the high-noise steps, ``transformer_2`` for the rest."""
+    from diffusers import UniPCMultistepScheduler, WanPipeline
+
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    return WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler,
+                       transformer=high if high is not None else tiny_wan(seed=0),
+                       transformer_2=low if low is not None else tiny_wan(seed=1),
+                       boundary_ratio=boundary_ratio)
+
+
+def tiny_flux_pipeline(transformer=None):
+    """diffusers' real FluxPipeline with no text encoders or VAE (packed latents out)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
+                        text_encoder_2=None, tokenizer_2=None,
+                        transformer=transformer if transformer is not None else tiny_flux())
+
+
+def run_flux_pipeline(pipe, steps: int = 8, seed: int = 0, true_cfg_scale: float = 4.0, **kwargs):
+    """True CFG: the transformer is called for "cond" and "uncond" in every step."""
+    g = torch.Generator().manual_seed(321)
+    embeds = dict(prompt_embeds=torch.randn(1, 6, 16, generator=g), pooled_prompt_embeds=torch.randn(1, 12, generator=g),
+                  negative_prompt_embeds=torch.randn(1, 6, 16, generator=g),
+                  negative_pooled_prompt_embeds=torch.randn(1, 12, generator=g))
+    with torch.no_grad():
+        return pipe(**embeds, true_cfg_scale=true_cfg_scale, height=64, width=64, num_inference_steps=steps,
+                    output_type="latent", generator=torch.Generator().manual_seed(seed), **kwargs).images

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
-from ..errors import UnsupportedStructure
+from ..errors import NoBlockStack, UnsupportedStructure
 from .module_paths import ModuleRef, enclosing_list_child
 
 
@@ -69,7 +69,7 @@ def find_block_stack(gm: fx.GraphModule) -> list[BlockStack]:
     runs = _runs(_blocks_in_graph_order(gm))
     stacks = [i for i, run in enumerate(runs) if len(run) >= 2]
     if not stacks:
-        raise UnsupportedStructure(
+        raise NoBlockStack(
             "no block stack found: no run of two or more same-class blocks inside a ModuleList"
         )
     main = max(stacks, key=lambda i: (len(runs[i]), sum(len(b.nodes) for b in runs[i])))

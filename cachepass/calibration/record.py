@@ -191,8 +191,7 @@ def intercept(model: torch.nn.Module, backend) -> Iterator[None]:
     """Route ``model``'s calls through ``torch.compile(backend=backend)`` inside the block; afterwards
     ``model`` is called as before, Dynamo's entries for the wrapper are dropped and cachepass's registry
     holds what it held before (stats of the user's own compiled model stay untouched)."""
-    before = runtime_state._RUNTIMES.get(model)
-    saved = None if before is None else (list(before.programs), list(before.fallback_reasons), before.last_active)
+    before = runtime_state._RUNTIMES.pop(model, None)  # the user's own state stays out of the recording
     call = model.__dict__.get("_compiled_call_impl", _UNSET)
     model._compiled_call_impl = functools.partial(torch.compile(_call_module, backend=backend), model)
     try:
@@ -203,10 +202,8 @@ def intercept(model: torch.nn.Module, backend) -> Iterator[None]:
         else:
             model._compiled_call_impl = call
         torch._dynamo.reset_code(_call_module.__code__)
-        if before is None:
-            runtime_state._RUNTIMES.pop(model, None)
-        else:
-            before.programs, before.fallback_reasons, before.last_active = saved
+        runtime_state._RUNTIMES.pop(model, None)
+        if before is not None:
             runtime_state._RUNTIMES[model] = before
 
 

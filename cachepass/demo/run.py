@@ -79,7 +79,7 @@ def run_demo(
             options["mag_ratios"] = magnitude_ratios(record(run, model, inner=inner))
         pipe.transformer = torch.compile(model, backend="cachepass", options=options)
         with torch.no_grad():
-            generate(pipe, digits, num_inference_steps=steps, seed=seed)  # warm-up: compiles, learns steps
+            generate(pipe, digits, num_inference_steps=steps, seed=seed)  # warm-up: compiles
             seconds, out = _timed(pipe, digits, steps, seed, repeats)
         streams = cache_stats(pipe.transformer).streams
         schedule = [s.computed_steps for s in streams]

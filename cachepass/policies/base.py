@@ -56,7 +56,11 @@ class Requirements:
 
 @dataclass(frozen=True)
 class CallContext:
-    """Where one denoiser call sits in the sampling loop, as the step tracker inferred it.
+    """Where one denoiser call sits in the sampling loop (:mod:`cachepass.runtime.placement`).
+
+    ``generation`` is the request (per module instance), ``stream`` the branch's rank in it and
+    ``branch`` its name when the pipeline gave one (``"cond"``); ``num_steps`` is known from the first
+    request on or never (the ``num_steps`` option, or the pipeline's step count).
 
     ``sync`` sums a decision's statistics over the ranks that must decide together (sequence
     parallelism; identity on one process): a policy stacks every sum one decision reads into one tensor
@@ -69,6 +73,7 @@ class CallContext:
     num_steps: int | None
     timestep: float | None
     sync: DecisionSync = LOCAL
+    branch: Any = None
 
     @property
     def is_last_step(self) -> bool:

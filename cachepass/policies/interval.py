@@ -2,8 +2,8 @@
 
 The simplest schedule that exercises both compiled variants; also a baseline that adaptive policies
 must beat. Steps ``0, N, 2N, ...`` are computed. With ``compute_last=True`` the last step is computed
-too when the number of steps is known: from the ``num_steps`` option, or else learnt from the previous
-generation (so the first generation of a model may then differ from the following ones).
+too when the number of steps is known: from the ``num_steps`` option or from the pipeline
+(``cache_context``'s step count, e.g. WanPipeline), from the first generation on.
 """
 
 from __future__ import annotations

@@ -1,36 +1,73 @@
-"""The callable the backend hands to Dynamo: head, decision, then one compiled variant.
+"""The callables the backend hands to Dynamo: the cached program (head, decision, one variant) and the
+uncached one (the unchanged graph, counted).
 
-Per call: run the head graph; read the timestep to place the call (generation, step, stream); ask
-the policy; run the compute variant and store its residuals, or feed the cache to the reuse variant.
-The Python between the compiled pieces is the guard: it is outside any traced graph, so it adds no
-graph break and no recompile, whatever the decisions are.
+Per call: find the instance that is called, and under its lock: run the head graph; place the call
+(request, step, branch) from the pipeline's signals or the timestep; take the branch's state if it
+was written by this program at this input signature, else start it afresh; ask the policy; run the
+compute variant and store its cache writes, or feed the cache to the reuse variant. The Python between
+the compiled pieces is outside any traced graph, so it adds no graph break and no recompile.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
 from .._logging import get_logger
 from ..policies.base import CallContext
-from .state import ProgramState
+from . import signals
+from .identity import InstanceIdentity
+from .placement import MIXED
+from .state import ModelRuntime, runtime_for
 
 log = get_logger(__name__)
 
 
-def timestep_value(t) -> float | tuple | None:
-    """A hashable host value for the timestep input (one sync for a device tensor)."""
+def timestep_key(t) -> float | str | None:
+    """The call's timestep as one float, :data:`~cachepass.runtime.placement.MIXED` when its elements
+    differ, or ``None`` (one host read for a device tensor)."""
     if t is None:
         return None
     if isinstance(t, torch.Tensor):
         flat = t.detach().reshape(-1)
         if flat.numel() == 0:
             return None
-        values = flat.float().cpu().tolist() if flat.numel() <= 64 else [float(flat[0])]
-        return values[0] if len(set(values)) == 1 else tuple(values)
+        if flat.numel() <= 64:
+            values = flat.tolist()
+            return float(values[0]) if all(v == values[0] for v in values) else MIXED
+        if not bool((flat == flat[0]).all()):
+            return MIXED
+        return float(flat[0])
     return float(t)
+
+
+def call_signature(args: Sequence[Any], indices: Sequence[int]) -> tuple:
+    """Shapes, dtypes and devices of the caller's inputs (and the values of size arguments): a cache
+    written at one signature is never read at another."""
+    out = []
+    for i in indices:
+        a = args[i]
+        if isinstance(a, torch.Tensor):
+            out.append((tuple(a.shape), a.dtype, a.device))
+        elif isinstance(a, (int, float, bool)) or a is None:
+            out.append(a)
+        else:
+            out.append(type(a))
+    return tuple(out)
+
+
+def _end_of_request(module) -> None:
+    runtime = runtime_for(module, create=False)
+    if runtime is not None:
+        runtime.end_request()
+
+
+def _watch(runtime: ModelRuntime, owner) -> None:
+    if not runtime.watching_request_end:
+        runtime.watching_request_end = True
+        signals.watch_request_end(owner, _end_of_request)
 
 
 class CachedProgram:
@@ -40,50 +77,99 @@ class CachedProgram:
         compute: Callable,
         reuse: Callable,
         *,
-        state: ProgramState,
+        policy,
+        reconstruction,
+        settings_key: Any,
+        num_steps: int | None,
+        sync,
+        identity: InstanceIdentity,
+        input_indices: Sequence[int],
         has_indicator: bool,
         num_outputs: int,
         num_cache_writes: int,
         timestep_index: int | None,
+        reuses: bool = True,
+        layout: Any = None,
     ) -> None:
         self.head = head
         self.compute = compute
         self.reuse = reuse
-        self.state = state
+        self.policy = policy
+        self.reconstruction = reconstruction
+        self.settings_key = settings_key
+        self.num_steps = num_steps
+        self.sync = sync
+        self.identity = identity
+        self.input_indices = tuple(input_indices)
         self.has_indicator = has_indicator
         self.num_outputs = num_outputs
         self.num_cache_writes = num_cache_writes
         self.timestep_index = timestep_index
-        self.on_call: Callable[[ProgramState], None] | None = None
+        self.reuses = reuses
+        self.layout = layout if layout is not None else id(self)  # what its cache writes mean
+
+    def _new_branch(self):
+        return self.policy.new_state(), self.reconstruction.new_cache()
 
     def __call__(self, *args):
-        state = self.state
+        owner = self.identity.owner(args)
+        if owner is None:  # no module state in the graph and no module known: the program is the instance
+            owner = self
+        runtime = runtime_for(owner)
+        with runtime.lock:
+            _watch(runtime, owner)
+            return self._run(runtime, signals.current_signal(owner), args)
+
+    def _run(self, runtime: ModelRuntime, signal, args):
         head_out = tuple(self.head(*args))
         indicator = head_out[0] if self.has_indicator else None
         exported = head_out[1:] if self.has_indicator else head_out
 
-        t = timestep_value(args[self.timestep_index]) if self.timestep_index is not None else None
-        pos = state.tracker.observe(t)
-        if pos.new_generation:
-            state.new_generation()
-        stream = state.stream(pos.stream)
-        ctx = CallContext(pos.generation, pos.step, pos.stream, state.tracker.num_steps,
-                          t if not isinstance(t, tuple) else t[0], state.sync)
-        compute = state.policy.decide(stream.policy_state, ctx, indicator) or not stream.cache.ready()
+        t = timestep_key(args[self.timestep_index]) if self.timestep_index is not None else None
+        placement = runtime.place(signal, t, self.num_steps)
+        # a policy that never reuses (calibration's recorder) keeps its branch through uncertain calls
+        certain = placement.certain or not self.reuses
+        branch = runtime.branch(placement, self, call_signature(args, self.input_indices), self._new_branch,
+                                certain)
+        ctx = CallContext(placement.request, placement.step, placement.stream, placement.num_steps,
+                          t if isinstance(t, float) else None, self.sync, placement.branch)
+        compute = self.policy.decide(branch.policy_state, ctx, indicator)
+        compute = compute or not certain or not branch.cache.ready()
+        if not certain and placement.doubt not in runtime.doubts:
+            runtime.doubts.add(placement.doubt)
+            log.debug("cachepass: %s: such calls compute and start their branch afresh", placement.doubt)
         if log.isEnabledFor(logging.DEBUG):  # before the variant runs: a rank stuck in it has logged
-            log.debug("cachepass: generation %d step %d stream %d: %s", pos.generation, pos.step, pos.stream,
+            log.debug("cachepass: generation %d step %d stream %d%s%s: %s", placement.request, placement.step,
+                      placement.stream, f" ({placement.branch})" if isinstance(placement.branch, str) else "",
+                      "" if certain else " (branch not established: computes, starts afresh)",
                       "compute" if compute else "reuse")
-        state.calls += 1
-        if self.on_call is not None:
-            self.on_call(state)
+        runtime.count(self.settings_key, self.policy.name, compute)
         if compute:
             out = self.compute(*args, *exported)
             n, r = self.num_outputs, self.num_cache_writes
-            stream.cache.write(out[n:n + r], pos.step)
+            branch.cache.write(out[n:n + r], placement.step)
             if len(out) > n + r:
-                state.policy.after_compute(stream.policy_state, ctx, list(out[n + r:]))
-            stream.computed.append(pos.step)
-            state.computed_calls += 1
-            return tuple(out[: self.num_outputs])
-        stream.reused.append(pos.step)
-        return tuple(self.reuse(*args, *exported, *stream.cache.read(pos.step)))
+                self.policy.after_compute(branch.policy_state, ctx, list(out[n + r:]))
+            branch.computed.append(placement.step)
+            return tuple(out[:n])
+        branch.reused.append(placement.step)
+        return tuple(self.reuse(*args, *exported, *branch.cache.read(placement.step)))
+
+
+class UncachedProgram:
+    """The unchanged graph, compiled by ``inner``; its calls are counted as uncached, with the reason,
+    unless the graph holds no blocks at all (a helper graph beside a cached one)."""
+
+    def __init__(self, compiled: Callable, identity: InstanceIdentity, reason: str, counts: bool) -> None:
+        self.compiled = compiled
+        self.identity = identity
+        self.reason = reason
+        self.counts = counts
+
+    def __call__(self, *args):
+        if self.counts:
+            owner = self.identity.owner(args)
+            runtime = runtime_for(owner if owner is not None else self)
+            with runtime.lock:
+                runtime.count_uncached(self.reason)
+        return self.compiled(*args)

@@ -1,0 +1,133 @@
+"""What diffusers pipelines tell a denoiser about each call, read without changing the pipeline.
+
+diffusers pipelines wrap every denoiser call in ``model.cache_context(name, **fields)`` (the branch,
+``"cond"`` / ``"uncond"``; WanPipeline also the step index and step count) and end every pipeline call
+with ``maybe_free_model_hooks()``, which calls ``model._reset_stateful_cache()``. Two taps receive them:
+
+* ``cache_context`` reaches the model through ``diffusers.hooks.hooks._set_cache_context``; cachepass
+  wraps that function once, at import, to remember the context per module (weakly) and then runs the
+  original unchanged. The wrap sees the context of the very first call, before anything was compiled,
+  which a hook registered at compile time could not.
+* the end of a pipeline call reaches every *stateful* hook in the module's ``HookRegistry``; cachepass
+  adds one (:class:`RequestEndHook`) that wraps nothing, so the module's ``forward`` (which Dynamo
+  traced) is left as it is.
+
+Where diffusers is missing or has neither entry point, both taps stay off and placement falls back to
+the timesteps (:mod:`cachepass.runtime.placement`).
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .._logging import get_logger
+
+log = get_logger(__name__)
+
+HOOK_NAME = "cachepass_request_end"
+
+
+@dataclass(frozen=True)
+class PipelineSignal:
+    """One call's context as the pipeline stated it (``None`` fields: not stated)."""
+
+    branch: str
+    step_index: int | None = None
+    num_steps: int | None = None
+
+
+_CONTEXTS: "weakref.WeakKeyDictionary[torch.nn.Module, PipelineSignal | None]" = weakref.WeakKeyDictionary()
+_installed = False
+
+
+def _as_signal(context) -> PipelineSignal | None:
+    if context is None:
+        return None
+    name = getattr(context, "name", context)
+    step = getattr(context, "step_index", None)
+    steps = getattr(context, "num_inference_steps", None)
+    return PipelineSignal(
+        str(name),
+        int(step) if isinstance(step, int) and not isinstance(step, bool) else None,
+        int(steps) if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0 else None,
+    )
+
+
+def install() -> bool:
+    """Wrap diffusers' ``_set_cache_context`` (once per process); ``False`` when it is not there."""
+    global _installed
+    if _installed:
+        return True
+    try:
+        from diffusers.hooks import hooks as diffusers_hooks
+    except Exception:  # diffusers absent or broken: timestep inference only
+        return False
+    original = getattr(diffusers_hooks, "_set_cache_context", None)
+    if original is None:
+        log.debug("cachepass: this diffusers has no _set_cache_context; branch and step come from timesteps")
+        return False
+    if getattr(original, "__cachepass_tap__", False):
+        _installed = True
+        return True
+
+    @functools.wraps(original)
+    def _set_cache_context(module, context):
+        result = original(module, context)
+        try:
+            _CONTEXTS[module] = _as_signal(context)
+        except TypeError:  # a module that cannot be weakly referenced: no signal for it
+            pass
+        return result
+
+    _set_cache_context.__cachepass_tap__ = True
+    diffusers_hooks._set_cache_context = _set_cache_context
+    _installed = True
+    return True
+
+
+def current_signal(module) -> PipelineSignal | None:
+    """The context the pipeline set around the call now running on ``module`` (``None``: none)."""
+    if module is None or not isinstance(module, torch.nn.Module):
+        return None
+    return _CONTEXTS.get(module)
+
+
+def watch_request_end(module, on_end: Callable[[torch.nn.Module], None]) -> bool:
+    """Make ``module._reset_stateful_cache()`` (the end of every pipeline call) call ``on_end(module)``.
+
+    The hook goes into the module's existing ``HookRegistry`` at the front, without wrapping ``forward``;
+    a module without a registry gets one only when it has diffusers' ``_reset_stateful_cache``."""
+    if not isinstance(module, torch.nn.Module) or not hasattr(module, "_reset_stateful_cache"):
+        return False
+    try:
+        from diffusers.hooks.hooks import HookFunctionReference, HookRegistry, ModelHook
+    except Exception:
+        return False
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    if HOOK_NAME in registry.hooks:
+        return True
+
+    class RequestEndHook(ModelHook):
+        """Stateful, so ``reset_stateful_hooks`` reaches it; it changes no forward."""
+
+        _is_stateful = True
+
+        def reset_state(self, module):
+            on_end(module)
+            return module
+
+    hook = RequestEndHook()
+    reference = HookFunctionReference()  # what remove_hook expects; never part of the forward chain
+    reference.forward = reference.original_forward = module.forward
+    reference.pre_forward, reference.post_forward = hook.pre_forward, hook.post_forward
+    hook.fn_ref = reference
+    # first in the order: removing any other hook then rewires that hook's neighbours, never ours
+    registry.hooks[HOOK_NAME] = hook
+    registry._hook_order.insert(0, HOOK_NAME)
+    registry._fn_refs.insert(0, reference)
+    return True
