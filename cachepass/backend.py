@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -17,12 +18,13 @@ import torch.fx as fx
 
 from ._logging import get_logger, warn_once
 from .analysis.structure import analyse
+from .analysis.training import has_active_dropout
 from .analysis.values import is_user_input, source_name
 from .distributed import DecisionSync
-from .errors import NoBlockStack, OptionError, UnsupportedStructure
+from .errors import NoBlockStack, OptionError, SplitStack, UnsupportedStructure
 from .options import Settings, parse_options
 from .runtime import signals
-from .runtime.identity import InstanceIdentity
+from .runtime.identity import InstanceIdentity, find_outer_module
 from .runtime.program import CachedProgram, UncachedProgram
 from .runtime.state import runtime_for
 from .transform.compile import compile_piece, example_inputs_for
@@ -62,27 +64,42 @@ def find_root_module(gm: fx.GraphModule) -> torch.nn.Module | None:
     return None
 
 
+def split_block(outer: torch.nn.Module, root: torch.nn.Module) -> tuple[str, int] | None:
+    """``(list path, blocks)`` when ``root`` is one of two or more same-class children of a list in
+    ``outer``: a block compiled alone because graph breaks split the stack."""
+    for name, module in outer.named_modules():
+        if isinstance(module, (torch.nn.ModuleList, torch.nn.Sequential)) and any(c is root for c in module):
+            same = sum(1 for c in module if type(c) is type(root))
+            if same >= 2:
+                return name, len(module)
+    return None
+
+
+def _has_stack(module: torch.nn.Module) -> bool:
+    return any(isinstance(m, (torch.nn.ModuleList, torch.nn.Sequential)) and len(m) >= 2
+               and len({type(c) for c in m}) == 1 for m in module.modules())
+
+
 def _model_key(root) -> Any:
     """What a once-per-model warning is keyed on (the module's id while it lives)."""
     return id(root) if root is not None else None
 
 
 def _fallback(gm, example_inputs, settings: Settings, reason: str, root, identity: InstanceIdentity,
-              counts: bool = True) -> Callable:
+              counts: bool = True, warn_key: Any = None, warn: bool = True, split: bool = False) -> Callable:
     """The unchanged graph compiled by ``inner``, wrapped so its calls count as uncached (``counts``:
     not for a graph that holds no blocks beside other graphs of the model)."""
     if root is not None:
         runtime = runtime_for(root)
         if reason not in runtime.fallback_reasons:
             runtime.fallback_reasons.append(reason)
-    warn_once(
-        log, ("fallback", reason, _model_key(root)),
-        "cachepass: caching is off for this graph: %s. The graph runs unchanged, compiled by inner=%r; "
-        "outputs equal a plain torch.compile.",
-        reason, settings.inner if isinstance(settings.inner, str) else getattr(settings.inner, "__name__", "callable"),
-    )
+    if warn:
+        inner = settings.inner if isinstance(settings.inner, str) else getattr(settings.inner, "__name__", "callable")
+        warn_once(log, ("fallback", warn_key or reason, _model_key(root)),
+                  "cachepass: caching is off for this graph: %s. The graph runs unchanged, compiled by inner=%r; "
+                  "outputs equal a plain torch.compile.", reason, inner)
     compiled = compile_piece(gm, example_inputs, settings.inner, settings.inductor_mode)
-    return UncachedProgram(compiled, identity, reason, counts)
+    return UncachedProgram(compiled, identity, reason, counts, outer=split)
 
 
 def _never_reused(*args):
@@ -115,12 +132,12 @@ def compile_with_settings(gm: fx.GraphModule, example_inputs: Sequence, settings
     identity = InstanceIdentity(gm, root)
     if root is not None:
         settings.policy.check_model(root)
-        if root.training:
-            warn_once(
-                log, ("training", _model_key(root)),
-                "cachepass: %s is in training mode: dropout and other train-time layers are active, so the "
-                "outputs are random and a cached step stands for none of them. Call model.eval() for "
-                "inference.", type(root).__name__)
+    if has_active_dropout(gm):
+        warn_once(
+            log, ("training", _model_key(root)),
+            "cachepass: %s runs dropout (it is in training mode): its outputs are random, so a cached step "
+            "stands for none of them. Call model.eval() for inference.",
+            type(root).__name__ if root is not None else "the model")
     if torch.is_grad_enabled():
         return _fallback(gm, example_inputs, settings,
                          "grad mode is on (caching is for inference: run under torch.no_grad() "
@@ -131,7 +148,22 @@ def compile_with_settings(gm: fx.GraphModule, example_inputs: Sequence, settings
         part = partition(structure, requirements)
         variants = build_variants(gm, structure, part, requirements)
     except NoBlockStack as exc:
+        outer = find_outer_module(root, sys._getframe())
+        split = split_block(outer, root) if outer is not None and root is not None else None
+        if split is not None:  # a block in a graph of its own: the stack is split by graph breaks
+            parent, count = split
+            reason = (f"a graph break splits the block stack {parent!r} ({count} blocks) of "
+                      f"{type(outer).__name__}: its blocks run in graphs of their own, uncached. Remove the "
+                      "break (run with fullgraph=True, or TORCH_LOGS=graph_breaks, to see where it is)")
+            return _fallback(gm, example_inputs, settings, reason, outer, identity, warn_key=("split", parent),
+                             split=True)
+        if outer is not None and _has_stack(outer):  # a helper piece of a model whose stack is elsewhere
+            log.debug("cachepass: a graph of %s holds no blocks (%s); it runs unchanged",
+                      type(outer).__name__, exc)
+            return _fallback(gm, example_inputs, settings, str(exc), root, identity, counts=False, warn=False)
         return _fallback(gm, example_inputs, settings, str(exc), root, identity, counts=False)
+    except SplitStack as exc:  # one warning for all the fragments of one split list
+        return _fallback(gm, example_inputs, settings, str(exc), root, identity, warn_key=("split", exc.parent))
     except UnsupportedStructure as exc:
         return _fallback(gm, example_inputs, settings, str(exc), root, identity)
 

@@ -25,6 +25,14 @@ class UnsupportedStructure(Exception):
     """The analysis could not make a cacheable program of this graph; the backend falls back."""
 
 
+class SplitStack(UnsupportedStructure):
+    """A graph break splits the block list ``parent`` over several graphs; each fragment runs uncached."""
+
+    def __init__(self, message: str, parent: str) -> None:
+        super().__init__(message)
+        self.parent = parent
+
+
 class NoBlockStack(UnsupportedStructure):
     """The graph holds no run of same-class blocks: nothing in it to cache (it may be a helper graph
     beside the one that holds the stack)."""

@@ -222,11 +222,36 @@ def test_stats_say_when_calls_ran_uncached_and_why():
     assert cachepass.stats(fast).caching
 
 
-def test_training_mode_warns_once(caplog):
-    model, inputs = tiny_wan().train(), wan_inputs()
+def test_active_dropout_warns_once(caplog):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(  # tiny_wan's config with attention dropout, left in train() mode
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True, rope_max_seq_len=32,
+    ).train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.1
     fast = compiled(model, policy="interval")
     with caplog.at_level(logging.WARNING, logger="cachepass"):
-        run_schedule(fast, inputs, SCHEDULE[:2])
+        run_schedule(fast, wan_inputs(), SCHEDULE[:2])
         run_schedule(fast, wan_inputs(size=12), SCHEDULE[:1])  # a second graph: no second warning
-    said = [r for r in caplog.records if "training mode" in r.getMessage()]
+        run_schedule(compiled(tiny_wan().train(), policy="interval"), wan_inputs(), SCHEDULE[:1])  # p = 0: quiet
+    said = [r for r in caplog.records if "runs dropout" in r.getMessage()]
     assert len(said) == 1 and "model.eval()" in said[0].getMessage()
+
+
+def test_a_graph_break_in_the_stack_warns_once_naming_the_split(caplog):
+    """torch.compiler.disable on one block splits the stack into several graphs: one warning that says so."""
+    model, inputs = tiny_wan(num_layers=4), wan_inputs()
+    model.blocks[1].forward = torch.compiler.disable(model.blocks[1].forward)
+    fast = compiled(model, policy="interval")
+    with caplog.at_level(logging.WARNING, logger="cachepass"):
+        out = run_schedule(fast, inputs, SCHEDULE[:2])
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(said) == 1, said
+    assert "a graph break splits the block stack 'blocks' (4 blocks)" in said[0]
+    torch.testing.assert_close(out[-1], run_schedule(model, inputs, SCHEDULE[1:2])[0], rtol=1e-5, atol=1e-6)
+    stats = cachepass.stats(fast)
+    assert not stats.caching and stats.uncached_calls > 0 and "graph break" in stats.uncached_reason

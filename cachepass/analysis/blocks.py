@@ -36,7 +36,7 @@ class BlockStack:
         return [b.module.qualified_name for b in self.blocks]
 
 
-def _blocks_in_graph_order(gm: fx.GraphModule) -> list[Block]:
+def blocks_in_graph_order(gm: fx.GraphModule) -> list[Block]:
     blocks: dict[str, Block] = {}
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output", "get_attr"):
@@ -66,7 +66,7 @@ def _runs(blocks: list[Block]) -> list[list[Block]]:
 
 def find_block_stack(gm: fx.GraphModule) -> list[BlockStack]:
     """The consecutive stacks that form the body, in graph order. Raises if there is none."""
-    runs = _runs(_blocks_in_graph_order(gm))
+    runs = _runs(blocks_in_graph_order(gm))
     stacks = [i for i, run in enumerate(runs) if len(run) >= 2]
     if not stacks:
         raise NoBlockStack(

@@ -22,7 +22,7 @@ import networkx as nx
 import torch.fx as fx
 
 from .._logging import get_logger
-from ..errors import UnsupportedStructure
+from ..errors import SplitStack, UnsupportedStructure
 from .blocks import BlockStack, find_block_stack
 from .dataflow import is_convex, mutations_escaping, to_networkx
 from .indicators import find_first_block_output, find_modulated_input
@@ -98,21 +98,27 @@ def split_regions(gm: fx.GraphModule, stacks: list[BlockStack]) -> tuple[set, se
     return head, body, tail
 
 
+def _check_whole(root, parent: str, indices: list) -> None:
+    """Raise :class:`SplitStack` when the graph holds only some blocks of ``root``'s list ``parent``."""
+    try:
+        expected = len(root.get_submodule(parent))
+    except Exception:  # not a list of the root (or no len): nothing to compare
+        return
+    if expected >= 2 and len(indices) < expected:
+        shown = ", ".join(str(i) for i in indices[:8]) + (", ..." if len(indices) > 8 else "")
+        raise SplitStack(
+            f"a graph break splits the block stack {parent!r} ({expected} blocks) over several graphs; this "
+            f"one holds block(s) {shown}. Each fragment runs uncached: remove the break (run with "
+            f"fullgraph=True, or TORCH_LOGS=graph_breaks, to see where it is)", parent)
+
+
 def analyse(gm: fx.GraphModule, root=None) -> DenoiserStructure:
     """Run the analysis passes on ``gm``. ``root`` (the original module, when known) lets the pass
     check that the graph holds the whole block list (a graph break would split it)."""
     stacks = find_block_stack(gm)
     if root is not None:
         for stack in stacks:
-            try:
-                expected = len(root.get_submodule(stack.parent))
-            except Exception:
-                continue
-            if len(stack.blocks) < expected:
-                raise UnsupportedStructure(
-                    f"the graph holds {len(stack.blocks)} of the {expected} blocks of {stack.parent!r}: "
-                    "a graph break splits the block stack (run with fullgraph=True to see where)"
-                )
+            _check_whole(root, stack.parent, [b.module.index for b in stack.blocks])
     head, body, tail = split_regions(gm, stacks)
     g = to_networkx(gm.graph)
     if not is_convex(g, body):

@@ -112,3 +112,35 @@ class InstanceIdentity:
                     return value
             frame = frame.f_back
         return None
+
+
+def find_outer_module(root: torch.nn.Module | None, frame) -> torch.nn.Module | None:
+    """The outermost module running in the Python frames from ``frame`` up that contains ``root`` (any
+    module when ``root`` is unknown): the model whose ``forward`` graph breaks cut into pieces."""
+    outer = None
+    for _ in range(400):
+        if frame is None:
+            break
+        for value in list(frame.f_locals.values()):
+            if not isinstance(value, torch.nn.Module):
+                continue
+            value = getattr(value, "_orig_mod", value)  # torch.compile's wrapper: the module inside
+            if value is not root and value is not outer:
+                if root is None or any(m is root for m in value.modules()):
+                    outer = value
+        frame = frame.f_back
+    return outer
+
+
+_OUTER: "weakref.WeakKeyDictionary[torch.nn.Module, Any]" = weakref.WeakKeyDictionary()
+
+
+def outer_owner(module: torch.nn.Module, frame) -> torch.nn.Module:
+    """The model a block compiled on its own belongs to (found once per block, then remembered)."""
+    ref = _OUTER.get(module)
+    outer = ref() if ref is not None else None
+    if outer is None:
+        outer = find_outer_module(module, frame)
+        outer = module if outer is None else outer
+        _OUTER[module] = weakref.ref(outer)
+    return outer

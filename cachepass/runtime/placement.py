@@ -3,10 +3,11 @@
 Two sources, the pipeline's own signals first (:mod:`cachepass.runtime.signals`):
 
 * **signalled** (diffusers pipelines): the branch is the ``cache_context`` name; the step is its
-  ``step_index`` when given, else the rank of the call's timestep among the request's timesteps; the
+  ``step_index`` when given, else the branch's own call count (a pipeline calls each branch once per
+  step, so a timestep that low-precision rounding repeats is still the next step); the
   step count is its ``num_inference_steps`` when given, else the ``num_steps`` option. A request ends at
-  ``_reset_stateful_cache`` (the end of every pipeline call), or when a branch comes back to a step it
-  already passed (a restarted run).
+  ``_reset_stateful_cache`` (the end of every pipeline call), when a branch comes back to a step it
+  already passed (a restarted run), or when its timestep moves back or jumps (as below).
 * **inferred** (raw loops): the timestep alone. The same timestep as the previous call is another branch
   of the same step; a timestep moving on along the trajectory is the next step; one moving back, or
   jumping more than ``JUMP`` times the previous gap (an img2img run starting lower after a cancelled
@@ -116,8 +117,8 @@ class Placer:
         if not new and track is not None:
             if signal.step_index is not None:
                 new = signal.step_index <= track.step  # the branch went back: a restarted run
-            elif _scalar(t) and _scalar(track.t):
-                new = t == track.t or _breaks(req, track.t, t)
+            elif _scalar(t) and _scalar(track.t) and t != track.t:
+                new = _breaks(req, track.t, t)
         if new:
             self._start()
             req, track = self._current, None
@@ -125,16 +126,21 @@ class Placer:
             _advance(req, track.t, t)
         if signal.step_index is not None:
             step = signal.step_index
-        elif t is not None and t != MIXED:
-            step = req.timeline.setdefault(t, len(req.timeline))
-        else:  # neither step index nor timestep: each call of a branch is its next step
-            step = track.step + 1 if track is not None else max((b.step for b in req.branches.values()), default=0)
+        elif track is not None:  # a pipeline calls each branch once per step: its calls count its steps
+            step = track.step + 1  # (a timestep repeated by low-precision rounding is still the next step)
+        elif _scalar(t) and t in req.timeline:  # a branch first seen at a step another branch is at
+            step = req.timeline[t]
+        else:
+            step = max((b.step for b in req.branches.values()), default=-1) + (1 if _scalar(t) else 0)
+            step = max(step, 0)
         if num_steps is not None and step >= num_steps and not new and signal.step_index is None:
             self._start()  # ran past the step count: a new request
             req, new, step = self._current, True, 0
             if t is not None and t != MIXED:
                 req.timeline[t] = 0
         req.branches[signal.branch] = _Branch(step, t)
+        if _scalar(t):
+            req.timeline.setdefault(t, step)
         certain = signal.step_index is not None or t != MIXED
         return Placement(self.request, step, signal.branch, self._stream(signal.branch), num_steps,
                          certain, new, signalled=True, doubt=None if certain else MIXED_DOUBT)

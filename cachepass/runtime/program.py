@@ -11,6 +11,7 @@ the compiled pieces is outside any traced graph, so it adds no graph break and n
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any, Callable, Sequence
 
 import torch
@@ -18,7 +19,7 @@ import torch
 from .._logging import get_logger
 from ..policies.base import CallContext
 from . import signals
-from .identity import InstanceIdentity
+from .identity import InstanceIdentity, outer_owner
 from .placement import MIXED
 from .state import ModelRuntime, runtime_for
 
@@ -160,15 +161,19 @@ class UncachedProgram:
     """The unchanged graph, compiled by ``inner``; its calls are counted as uncached, with the reason,
     unless the graph holds no blocks at all (a helper graph beside a cached one)."""
 
-    def __init__(self, compiled: Callable, identity: InstanceIdentity, reason: str, counts: bool) -> None:
+    def __init__(self, compiled: Callable, identity: InstanceIdentity, reason: str, counts: bool,
+                 outer: bool = False) -> None:
         self.compiled = compiled
         self.identity = identity
         self.reason = reason
         self.counts = counts
+        self.outer = outer  # a block of a split stack: count its calls on the model it belongs to
 
     def __call__(self, *args):
         if self.counts:
             owner = self.identity.owner(args)
+            if self.outer and isinstance(owner, torch.nn.Module):
+                owner = outer_owner(owner, sys._getframe(1))
             runtime = runtime_for(owner if owner is not None else self)
             with runtime.lock:
                 runtime.count_uncached(self.reason)
