@@ -16,8 +16,9 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.fx as fx
 
+from . import graph_dump
 from ._logging import get_logger, warn_once
-from .analysis.structure import analyse
+from .analysis.structure import DenoiserStructure
 from .analysis.training import has_active_dropout
 from .analysis.values import is_user_input, source_name
 from .distributed import DecisionSync
@@ -27,9 +28,8 @@ from .runtime import signals
 from .runtime.identity import InstanceIdentity, find_outer_module
 from .runtime.program import CachedProgram, UncachedProgram
 from .runtime.state import runtime_for
-from .transform.compile import compile_piece, example_inputs_for
-from .transform.partition import partition
-from .transform.variants import build_variants
+from .stages import ANALYSIS, COMPILE, TRANSFORM, PassState, run_stages
+from .transform.compile import compile_piece
 
 log = get_logger(__name__)
 signals.install()  # diffusers' cache_context reaches cachepass from the first pipeline call on
@@ -86,9 +86,12 @@ def _model_key(root) -> Any:
 
 
 def _fallback(gm, example_inputs, settings: Settings, reason: str, root, identity: InstanceIdentity,
-              counts: bool = True, warn_key: Any = None, warn: bool = True, split: bool = False) -> Callable:
+              counts: bool = True, warn_key: Any = None, warn: bool = True, split: bool = False,
+              state: PassState | None = None) -> Callable:
     """The unchanged graph compiled by ``inner``, wrapped so its calls count as uncached (``counts``:
     not for a graph that holds no blocks beside other graphs of the model)."""
+    if state is not None:
+        state.outcome = f"caching off: {reason}"
     if root is not None:
         runtime = runtime_for(root)
         if reason not in runtime.fallback_reasons:
@@ -123,12 +126,33 @@ def signature_inputs(placeholders) -> list[int]:
     return out
 
 
-def compile_with_settings(gm: fx.GraphModule, example_inputs: Sequence, settings: Settings) -> Callable:
+def compile_with_settings(gm: fx.GraphModule, example_inputs: Sequence, settings: Settings, *,
+                          configure: Callable[[DenoiserStructure], Settings] | None = None) -> Callable:
     """Build the cache-aware program for one Dynamo graph (or the fallback).
 
     The program is shared by every instance of the module's class that Dynamo serves with this graph;
-    all its state lives per instance (:mod:`cachepass.runtime.state`)."""
+    all its state lives per instance (:mod:`cachepass.runtime.state`). The pass runs as the stages of
+    :mod:`cachepass.stages`, each graph analysed once. ``configure``, when given, is called with the
+    analysis' structure once the analysis stages succeed and returns the settings to go on with
+    (calibration records the indicators the analysis found). With ``settings.debug_dir`` the graphs are
+    written there (:mod:`cachepass.graph_dump`), also when the pass falls back or raises."""
     root = find_root_module(gm)
+    state = PassState(gm, root, example_inputs=example_inputs, inner=settings.inner,
+                      inductor_mode=settings.inductor_mode)
+    final = [settings]
+    try:
+        program = _compile(gm, example_inputs, settings, root, state, configure, final)
+    except BaseException as exc:
+        if final[0].debug_dir is not None:
+            graph_dump.write(final[0].debug_dir, state, policy=final[0].policy_name,
+                             outcome=f"error: {type(exc).__name__}: {exc}")
+        raise
+    if final[0].debug_dir is not None:
+        graph_dump.write(final[0].debug_dir, state, policy=final[0].policy_name, outcome=state.outcome)
+    return program
+
+
+def _compile(gm, example_inputs, settings: Settings, root, state: PassState, configure, final: list) -> Callable:
     identity = InstanceIdentity(gm, root)
     if root is not None:
         settings.policy.check_model(root)
@@ -141,12 +165,13 @@ def compile_with_settings(gm: fx.GraphModule, example_inputs: Sequence, settings
     if torch.is_grad_enabled():
         return _fallback(gm, example_inputs, settings,
                          "grad mode is on (caching is for inference: run under torch.no_grad() "
-                         "or torch.inference_mode())", root, identity)
+                         "or torch.inference_mode())", root, identity, state=state)
     try:
-        structure = analyse(gm, root)
-        requirements = settings.policy.requirements()
-        part = partition(structure, requirements)
-        variants = build_variants(gm, structure, part, requirements)
+        run_stages(state, ANALYSIS)
+        if configure is not None:
+            settings = final[0] = configure(state.structure)
+        requirements = state.requirements = settings.policy.requirements()
+        run_stages(state, TRANSFORM)
     except NoBlockStack as exc:
         outer = find_outer_module(root, sys._getframe())
         split = split_block(outer, root) if outer is not None and root is not None else None
@@ -156,24 +181,23 @@ def compile_with_settings(gm: fx.GraphModule, example_inputs: Sequence, settings
                       f"{type(outer).__name__}: its blocks run in graphs of their own, uncached. Remove the "
                       "break (run with fullgraph=True, or TORCH_LOGS=graph_breaks, to see where it is)")
             return _fallback(gm, example_inputs, settings, reason, outer, identity, warn_key=("split", parent),
-                             split=True)
+                             split=True, state=state)
         if outer is not None and _has_stack(outer):  # a helper piece of a model whose stack is elsewhere
             log.debug("cachepass: a graph of %s holds no blocks (%s); it runs unchanged",
                       type(outer).__name__, exc)
-            return _fallback(gm, example_inputs, settings, str(exc), root, identity, counts=False, warn=False)
-        return _fallback(gm, example_inputs, settings, str(exc), root, identity, counts=False)
+            return _fallback(gm, example_inputs, settings, str(exc), root, identity, counts=False, warn=False,
+                             state=state)
+        return _fallback(gm, example_inputs, settings, str(exc), root, identity, counts=False, state=state)
     except SplitStack as exc:  # one warning for all the fragments of one split list
-        return _fallback(gm, example_inputs, settings, str(exc), root, identity, warn_key=("split", exc.parent))
+        return _fallback(gm, example_inputs, settings, str(exc), root, identity, warn_key=("split", exc.parent),
+                         state=state)
     except UnsupportedStructure as exc:
-        return _fallback(gm, example_inputs, settings, str(exc), root, identity)
+        return _fallback(gm, example_inputs, settings, str(exc), root, identity, state=state)
 
-    pieces = {}
-    names = ("head", "compute", "reuse") if requirements.reuses else ("head", "compute")
-    pieces["reuse"] = _never_reused
-    for name in names:
-        piece = getattr(variants, name)
-        pieces[name] = compile_piece(piece, example_inputs_for(piece, example_inputs), settings.inner,
-                                     settings.inductor_mode)
+    run_stages(state, (COMPILE,))
+    structure, variants, pieces = state.structure, state.variants, dict(state.pieces)
+    if not requirements.reuses:
+        pieces["reuse"] = _never_reused
 
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     timestep_index = placeholders.index(structure.timestep_input) if structure.timestep_input is not None else None
@@ -195,6 +219,7 @@ def compile_with_settings(gm: fx.GraphModule, example_inputs: Sequence, settings
                 tuple(b.module.qualified_name for b in structure.blocks),
                 tuple(source_name(s.input) for s in structure.stream)),
     )
+    state.outcome = "caching: on"
     log.info(
         "cachepass: policy %r on %d blocks (%s), %d residual-stream tensor(s); head %d / body %d / tail %d nodes",
         settings.policy_name, len(structure.blocks), ", ".join(s.parent for s in structure.stacks),

@@ -1,25 +1,27 @@
-"""``cachepass.explain(model, *args, **kwargs)``: what the pass finds in a model, in words.
+"""``cachepass.explain(model, *args, policy=..., options={...}, **kwargs)``: what the pass finds in a
+model, in words.
 
 It traces the model once with Dynamo under ``torch.no_grad()`` and an analysis-only backend (the model
-runs eagerly; nothing is cached or compiled by inductor) and reports, per captured graph: the blocks,
-the residual stream, the timestep input, the indicators, the head/body/tail sizes, and why caching
-would be off if it would be.
+runs eagerly; nothing is cached or compiled by inductor), runs the analysis stages and the cut stages of
+:mod:`cachepass.stages` on each captured graph, and reports: the blocks, the residual stream, the
+timestep input, the indicators, where the policy's cut falls (with its options: ``{"Fn": 8}`` for
+dbcache), the head/cached/after sizes, and why caching would be off if it would be.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
+from . import graph_dump
 from .analysis.block_parts import find_block_parts
-from .analysis.structure import analyse
 from .analysis.values import example_value, input_name, is_user_input
 from .backend import find_root_module
-from .errors import UnsupportedStructure
-from .options import parse_options
-from .transform.partition import partition
+from .errors import OptionError, UnsupportedStructure
+from .options import Settings, parse_options
+from .stages import ANALYSIS, CUT, PassState, run_stages
 
 
 @dataclass
@@ -36,6 +38,7 @@ class GraphReport:
     node_counts: dict[str, int] = field(default_factory=dict)
     block_parts: list[str] = field(default_factory=list)  # child names, e.g. attn1, attn2, ffn
     block_part_outputs: int = 0
+    cut: tuple[int, int] | None = None  # block boundaries (a, b): [0, a) in the head, [a, b) cached
 
     def lines(self) -> list[str]:
         if not self.stacks:
@@ -54,6 +57,11 @@ class GraphReport:
         parts = ", ".join(self.block_parts) or "none"
         out.append(f"block parts (predicted at granularity 'block'): {parts}; "
                    f"{self.block_part_outputs} cached output(s) over all blocks")
+        if self.cut is not None:
+            a, b = self.cut
+            n = len(self.blocks)
+            out.append(f"cut: blocks [0, {a}) run in the head, [{a}, {b}) are cached, [{b}, {n}) run after "
+                       "the decision")
         out.append("nodes: " + ", ".join(f"{k} {v}" for k, v in self.node_counts.items()))
         out.append("caching: on" if self.caching else f"caching off: {self.reason}")
         return out
@@ -76,12 +84,21 @@ class Report:
         return "\n".join(out)
 
 
-def _describe(gm, policy) -> GraphReport:
-    root = find_root_module(gm)
+def _describe(gm, settings: Settings) -> GraphReport:
+    state = PassState(gm, find_root_module(gm))
+    report = _report(state, settings.policy)
+    if settings.debug_dir is not None:
+        graph_dump.write(settings.debug_dir, state, policy=settings.policy_name,
+                         outcome="caching: on" if report.caching else f"caching off: {report.reason}")
+    return report
+
+
+def _report(state: PassState, policy) -> GraphReport:
     try:
-        structure = analyse(gm, root)
+        run_stages(state, ANALYSIS)
     except UnsupportedStructure as exc:
         return GraphReport(caching=False, reason=str(exc))
+    structure = state.structure
     report = GraphReport(caching=True)
     report.stacks = [(s.parent, s.class_name, len(s.blocks)) for s in structure.stacks]
     report.blocks = [b.module.qualified_name for b in structure.blocks]
@@ -95,29 +112,44 @@ def _describe(gm, policy) -> GraphReport:
     if structure.timestep_input is not None:
         report.timestep_input = input_name(structure.timestep_input)
     report.indicators = {k: v.name for k, v in structure.indicators.items()}
+    # every block's parts (what granularity 'block' would predict with no block computed always)
     parts = find_block_parts(structure, 0, len(structure.blocks), structure.body)
     block_names = [b.module.qualified_name for b in structure.blocks]
     report.block_parts = list(dict.fromkeys(p.name[len(block_names[p.block]) + 1:] for p in parts))
     report.block_part_outputs = sum(len(p.outputs) for p in parts)
-    requirements = policy.requirements()
+    requirements = state.requirements = policy.requirements()
     report.indicator_used = requirements.indicator
     try:
-        part = partition(structure, requirements)
+        run_stages(state, CUT)
+        part = state.partition
         report.node_counts = {"head": len(part.head), "cached": len(part.cached), "after": len(part.after)}
+        report.cut = part.span
+        if part.indicator_base is not None:
+            report.indicators[requirements.indicator] = f"{part.indicator.name} - {part.indicator_base.name}"
     except UnsupportedStructure as exc:
         report.caching, report.reason = False, str(exc)
         report.node_counts = {"head": len(structure.head), "body": len(structure.body), "tail": len(structure.tail)}
     return report
 
 
-def explain(model, *args: Any, policy: str = "none", **kwargs: Any) -> Report:
-    """Trace ``model(*args, **kwargs)`` and report what cachepass would do with ``policy``."""
-    settings = parse_options({"policy": policy, "inner": "eager"})
+def explain(model, *args: Any, policy: str = "none", options: Mapping[str, Any] | None = None,
+            **kwargs: Any) -> Report:
+    """Trace ``model(*args, **kwargs)`` and report what cachepass would do with ``policy``.
+
+    ``options``: the policy's options (``{"Fn": 8}`` for dbcache: the cut with 8 front blocks), and the
+    common ``num_steps`` and ``debug_dir`` (the graph dumps of what explain found: input graph and regions;
+    no variant is built). They come as a dict because the keyword arguments are the model's inputs."""
+    given = dict(options) if options is not None else {}
+    for name in ("policy", "inner"):
+        if name in given:
+            raise OptionError(f"option {name!r} does not go in explain's options: "
+                              + ("pass policy=... itself" if name == "policy" else "explain compiles nothing"))
+    settings = parse_options({**given, "policy": policy, "inner": "eager"})
     module = getattr(model, "_orig_mod", model)
     graphs: list[GraphReport] = []
 
     def recorder(gm, example_inputs):
-        graphs.append(_describe(gm, settings.policy))
+        graphs.append(_describe(gm, settings))
         return gm.forward
 
     with torch.no_grad():

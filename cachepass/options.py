@@ -9,6 +9,7 @@ compilation; every error is an :class:`~cachepass.errors.OptionError` (a ``Value
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -21,7 +22,7 @@ DEFAULT_POLICY = "teacache"
 INNER_CHOICES = ("inductor", "eager")
 
 #: Options every policy accepts; everything else belongs to the chosen policy's config.
-COMMON_OPTIONS = ("policy", "inner", "num_steps", "sync", "process_group")
+COMMON_OPTIONS = ("policy", "inner", "num_steps", "sync", "process_group", "debug_dir")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class Settings:
     #: default because sequence-parallel ranks that decide apart hang; data-parallel serving opts out.
     sync: bool | str = "auto"
     process_group: Any = None  # the group the tokens are sharded over; None: the default group
+    debug_dir: str | None = None  # per compiled graph, a folder of graph dumps here (cachepass.graph_dump)
 
     @property
     def policy_name(self) -> str:
@@ -61,6 +63,16 @@ def _validate_inner(inner: Any) -> str | Callable:
         return inner
     raise OptionError(f"option 'inner' must be 'inductor', 'eager', a backend name or a callable "
                       f"(gm, example_inputs) -> callable; got {show(inner)}")
+
+
+def _validate_debug_dir(value: Any) -> str | None:
+    if value is None:
+        return None
+    path = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
+    if not isinstance(path, str) or not path:
+        raise OptionError(f"option 'debug_dir' must be None or a folder path (a non-empty str or os.PathLike) "
+                          f"to write graph dumps into; got {show(value)}")
+    return path
 
 
 def _check_names(options: Any) -> dict[str, Any]:
@@ -99,6 +111,7 @@ def parse_options(options: Mapping[str, Any] | None) -> Settings:
     sync = options.pop("sync", "auto")
     process_group = options.pop("process_group", None)
     sync = validate_sync_options(sync, process_group)
+    debug_dir = _validate_debug_dir(options.pop("debug_dir", None))
 
     fields = {f.name for f in dataclasses.fields(policy_cls.config_class)}
     unknown = sorted(set(options) - fields)
@@ -111,4 +124,4 @@ def parse_options(options: Mapping[str, Any] | None) -> Settings:
     config = policy_cls.config_class(**options)
     config.validate()
     return Settings(policy=policy_cls(config), inner=inner, num_steps=num_steps, sync=sync,
-                    process_group=process_group)
+                    process_group=process_group, debug_dir=debug_dir)

@@ -15,7 +15,9 @@ What is cached depends on the ``granularity``:
 
 Invariant: ``len(cache.read(...))`` equals the number of placeholders ``predict`` created, and each
 tensor read has the dtype, device and layout of its placeholder's example (compiled pieces may assume
-them).
+them). :func:`check_cache_layout` checks it once per graph, when the variants are built, by writing
+empty stand-ins of the cache writes into a fresh cache and reading them back: nothing is checked per
+call.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 import torch.fx as fx
 
 from . import taylor
+from .errors import UnsupportedStructure
 
 
 class ReuseCache(ABC):
@@ -92,7 +95,8 @@ class _LastResidualCache(ReuseCache):
         self.residuals = list(residuals)
 
     def read(self, step):
-        assert self.residuals is not None, "reuse before any compute: the runtime must compute first"
+        if self.residuals is None:
+            raise RuntimeError("cachepass: reuse before any compute: the runtime must compute first")
         return self.residuals
 
     def ready(self):
@@ -140,7 +144,8 @@ class _TaylorCache(ReuseCache):
         self.step = step
 
     def read(self, step):
-        assert self.derivatives is not None, "reuse before any compute: the runtime must compute first"
+        if self.derivatives is None:
+            raise RuntimeError("cachepass: reuse before any compute: the runtime must compute first")
         fitted = len(self.derivatives[0]) - 1
         first = self.derivatives[0][0]
         coefficients = taylor.taylor_coefficients(step - self.step, fitted) + [0.0] * (self.order - fitted)
@@ -218,3 +223,51 @@ class TaylorReuse(Reconstruction):
 
     def new_cache(self):
         return _TaylorCache(self.order)
+
+
+def _stand_in(example: torch.Tensor) -> torch.Tensor:
+    """A tensor of no elements with ``example``'s dtype, device and layout."""
+    return torch.empty((0,), dtype=example.dtype, device=example.device, layout=example.layout)
+
+
+def check_cache_layout(reconstruction: Reconstruction, writes: Sequence[fx.Node],
+                       placeholders: Sequence[fx.Node]) -> None:
+    """The invariant of the module docstring, checked once when the variants are built: a fresh cache
+    that stored the compute variant's ``writes`` (their example values, as empty stand-ins) reads back
+    one tensor per cache placeholder of the reuse variant (``placeholders``, those ``predict``
+    created), each with the dtype, device and layout of the placeholder's example. Raises
+    :class:`UnsupportedStructure` naming the reconstruction and the placeholders."""
+    examples = [w.meta.get("example_value", w.meta.get("val")) for w in writes]
+    if not all(isinstance(e, torch.Tensor) for e in examples):
+        return  # nothing to stand in for a non-tensor write: only tensors reach a cache
+    name = getattr(reconstruction, "name", type(reconstruction).__name__)
+    try:
+        stand_ins = [_stand_in(e) for e in examples]
+    except Exception:  # a layout or device that has no empty tensor: nothing to check it with
+        return
+    cache = reconstruction.new_cache()
+    try:
+        cache.write(stand_ins, 0)
+        read = list(cache.read(1))
+    except Exception as exc:
+        raise UnsupportedStructure(
+            f"reconstruction {name!r}: its cache fails on the compute variant's cache writes "
+            f"({', '.join(repr(w.name) for w in writes) or 'none'}): {type(exc).__name__}: {exc}") from exc
+    if len(read) != len(placeholders):
+        raise UnsupportedStructure(
+            f"reconstruction {name!r}: its cache reads {len(read)} tensor(s) but predict made "
+            f"{len(placeholders)} cache placeholder(s) ({', '.join(repr(p.name) for p in placeholders) or 'none'}) "
+            f"for the cache writes {', '.join(repr(w.name) for w in writes) or 'none'}")
+    for placeholder, value in zip(placeholders, read):
+        example = placeholder.meta.get("example_value", placeholder.meta.get("val"))
+        if not isinstance(example, torch.Tensor):
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise UnsupportedStructure(
+                f"reconstruction {name!r}: its cache reads a {type(value).__name__} for the tensor "
+                f"placeholder {placeholder.name!r}")
+        for attr in ("dtype", "device", "layout"):
+            if getattr(value, attr) != getattr(example, attr):
+                raise UnsupportedStructure(
+                    f"reconstruction {name!r}: its cache reads a tensor of {attr} {getattr(value, attr)} for the "
+                    f"placeholder {placeholder.name!r}, whose example has {attr} {getattr(example, attr)}")

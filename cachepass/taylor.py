@@ -69,6 +69,8 @@ def _taylor_terms_fn(order: int) -> Callable[[float], list]:
 
 def taylor_coefficients(k: float, order: int) -> list[float]:
     """``[k^i / i! for i in 0..order]``: the weights of ``D_0..D_order`` in the prediction."""
+    if order == 0:  # ``[1.0]`` without sympy (a cache read before a second computed step)
+        return [1.0]
     return [float(c) for c in _taylor_terms_fn(order)(float(k))]
 
 

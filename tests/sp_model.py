@@ -81,29 +81,19 @@ def build(group=None, seed: int = 0) -> SequenceParallelDiT:
 
 STEPS = 14
 TOKENS = 32  # divisible by 2 and 4 ranks
-TOKENS_PER_FRAME = 4  # 8 "frames" of 4 tokens, for adacache's motion term
+TOKENS_PER_FRAME = 4  # 8 "frames" of 4 tokens, for adacache's motion term (its example's tokens_per_frame)
 PROGRAM_LOGGER = "cachepass.runtime.program"  # logs each call's decision at debug level
 CHURN = 0.1  # noise added to half of the tokens per step: shards change by different amounts
 SPLIT_POLICY = "fbcache"  # the policy run on two sequence-parallel groups with different latents
 
-#: Options per policy: schedules on which the adaptive ones really skip within STEPS steps.
-CASES = {
-    "none": {},
-    "interval": {"interval": 3},
-    "taylorseer": {"interval": 3},
-    "teacache": {"indicator": "modulated_input", "coefficients": "identity", "threshold": 0.1},  # sharded
-    "customcache": {"coefficients": "identity", "threshold": 1.0},  # timestep embedding: on every rank whole
-    # motion on, on the residual stream (token-local, so the churned half moves more): at step 1 the
-    # distance is ~15 on rank 0's shard alone, ~110 on rank 1's, ~45 on the whole sequence; the
-    # codebook's bounds put the two shards in different intervals
-    "adacache": {"feature": "block_output:middle", "tokens_per_frame": TOKENS_PER_FRAME, "warmup": 2,
-                 "final_steps": 1, "codebook": {3.0: 3, 30.0: 2, 1e4: 1}},
-    # on the front residual, which moves a lot in this random model; chosen so that two latents give
-    # different schedules and unsynchronised shards part (the split and sync=False tests)
-    "fbcache": {"threshold": 0.44},
-    "dbcache": {"Fn": 1, "Bn": 1, "warmup": 2, "threshold": 0.45},
-    "magcache": {"mag_ratios": [1.0] + [0.97] * (STEPS - 1), "max_skip_steps": 3, "retention_ratio": 0.1},
-}
+
+def case(policy: str) -> dict:
+    """The options ``policy`` runs with here: its declared ``sequence_parallel`` example (schedules on which
+    the adaptive policies really skip within ``STEPS`` steps; default its ``tiny`` example)."""
+    from cachepass import POLICIES
+    from cachepass.policies.base import EXAMPLE_SEQUENCE_PARALLEL
+
+    return POLICIES[policy].example(EXAMPLE_SEQUENCE_PARALLEL)
 
 
 def initial_latent(seed: int = 0) -> torch.Tensor:
@@ -233,12 +223,12 @@ def worker(rank: int, world: int, init_file: str, out_dir: str, policies: list, 
     world_group = dist.group.WORLD
     results = {"statistics": shard_statistics(world_group)}
     for policy in policies:
-        results[policy] = run_policy(policy, {**CASES.get(policy, {}), **extra}, world_group, 0, churn,
+        results[policy] = run_policy(policy, {**case(policy), **extra}, world_group, 0, churn,
                                      os.path.join(out_dir, f"rank{rank}-{policy}.log"))
     if split:
         halves = [dist.new_group(list(range(i, i + world // 2))) for i in (0, world // 2)]
         index = 2 * rank // world
-        results["split"] = run_policy(SPLIT_POLICY, {**CASES[SPLIT_POLICY], "process_group": halves[index]},
+        results["split"] = run_policy(SPLIT_POLICY, {**case(SPLIT_POLICY), "process_group": halves[index]},
                                       halves[index], index, churn)
     torch.save({"results": results, "log": messages}, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()

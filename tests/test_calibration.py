@@ -12,7 +12,7 @@ import torch
 import cachepass
 from cachepass.errors import OptionError
 from cachepass.calibration import (
-    ModelFingerprint, Profile, Recording, ThresholdSearch, Trajectory, fit_teacache, load_profile,
+    ModelFingerprint, Profile, Recording, Trajectory, fit_teacache, load_profile,
     magnitude_ratios, record,
 )
 from cachepass.calibration.api import _search, compute_budget

@@ -1,9 +1,10 @@
 """Sequence parallelism on CPU (gloo): every rank takes the same cache decisions, outputs equal one process.
 
 The model is ``tests/sp_model.py``: tokens sharded over the ranks, attention all-gathering keys and
-values inside the compiled graph. One launch per world size runs every policy in each rank (process
-start-up dominates); every launch is bounded by a timeout, after which its processes are killed and
-the test fails as a hang. The single-process reference runs the same model on the whole sequence.
+values inside the compiled graph. One launch per world size runs every registered policy in each rank,
+with its declared ``sequence_parallel`` example options (``Policy.examples``; process start-up
+dominates); every launch is bounded by a timeout, after which its processes are killed and the test
+fails as a hang. The single-process reference runs the same model on the whole sequence.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 import sp_model
 from cachepass import POLICIES
+from cachepass.analysis.features import token_dependent
 from cachepass.distributed import DecisionSync
 from cachepass.errors import OptionError
 from cachepass.options import parse_options
@@ -57,11 +59,27 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+def configured(policy: str):
+    """The policy object of ``policy`` with its sequence-parallel example options."""
+    return parse_options({"policy": policy, **sp_model.case(policy)}).policy
+
+
+def reads_token_statistics(policy: str) -> bool:
+    """Whether the policy decides on a statistic of per-token tensors (an indicator or an observed body
+    feature other than the timestep embedding), which each rank sees only its shard of."""
+    req = configured(policy).requirements()
+    return (req.indicator is not None and token_dependent(req.indicator)) or any(map(token_dependent, req.observe))
+
+
+#: Policies whose unsynchronised ranks decide from their own shards (the rest read whole tensors or none).
+SHARD_DEPENDENT = [policy for policy in POLICIES if reads_token_statistics(policy)]
+
+
 @pytest.fixture(scope="module")
 def reference():
     """Each policy on one process over the whole sequence (and the split run's second latent)."""
-    out = {policy: sp_model.run_policy(policy, sp_model.CASES.get(policy, {})) for policy in POLICIES}
-    out["split", 1] = sp_model.run_policy(sp_model.SPLIT_POLICY, sp_model.CASES[sp_model.SPLIT_POLICY], seed=1)
+    out = {policy: sp_model.run_policy(policy, sp_model.case(policy)) for policy in POLICIES}
+    out["split", 1] = sp_model.run_policy(sp_model.SPLIT_POLICY, sp_model.case(sp_model.SPLIT_POLICY), seed=1)
     return out
 
 
@@ -78,14 +96,14 @@ def test_sequence_parallel_ranks_decide_alike_and_match_one_process(tmp_path, re
             assert len(run["decisions"]) == sp_model.STEPS
             assert run["computed_steps"] == [i for i, c in enumerate(run["decisions"]) if c]
             assert torch.equal(run["x"], runs[0]["x"])  # every rank gathered the same sequence
-        if policy == "adacache":
-            # its motion term leaves out the token pairs across shards (docs/distributed.md): here a
-            # distance moves across a codebook bound and one interval differs from one process's
+        if not configured(policy).sequence_parallel_exact():
+            # adacache: its motion term leaves out the token pairs across shards (docs/distributed.md):
+            # here a distance moves across a codebook bound and one interval differs from one process's
             assert relative_error(runs[0]["x"], ref["x"]) < 3e-2
         else:  # the summed statistics are the whole sequence's: one process decides the same
             assert runs[0]["decisions"] == ref["decisions"], policy
             assert relative_error(runs[0]["x"], ref["x"]) < 1e-5, policy
-        if policy != "none":
+        if configured(policy).requirements().reuses:  # all but none
             assert False in ref["decisions"], f"{policy} never skipped: the check would prove nothing"
     for rank in ranks:  # announced once per process and group size, not once per compiled graph
         assert [m for m in rank["log"] if f"synchronised over {world} ranks" in m] == [
@@ -125,7 +143,17 @@ def check_split_groups(runs: list[dict], reference) -> None:
         assert relative_error(run["x"], ref["x"]) < 1e-5
 
 
-@pytest.mark.parametrize("policy", ["teacache", "adacache", "fbcache", "dbcache"])
+def test_shard_dependent_policies_are_the_ones_reading_token_statistics():
+    """What the tests here derive from the requirements, pinned for the built-in policies so that a change
+    shows (customcache reads the timestep embedding, whole on every rank, so it agrees either way)."""
+    assert {"teacache", "adacache", "fbcache", "dbcache"} <= set(SHARD_DEPENDENT)
+    assert not {"none", "interval", "taylorseer", "customcache", "magcache"} & set(SHARD_DEPENDENT)
+    assert not configured("adacache").sequence_parallel_exact()
+    exact = ("none", "interval", "teacache", "taylorseer", "customcache", "fbcache", "dbcache", "magcache")
+    assert all(configured(p).sequence_parallel_exact() for p in exact)
+
+
+@pytest.mark.parametrize("policy", SHARD_DEPENDENT)
 def test_without_sync_sharded_ranks_disagree(tmp_path, policy):
     """``sync=False`` on the sequence-parallel model: each rank decides from its own shard, and they
     part at some step (then their collectives no longer pair up: gloo aborts or times out). This is
@@ -158,7 +186,7 @@ def test_bad_sync_options_name_the_option(options, message):
 
 def test_sync_defaults_to_auto_and_is_a_common_option():
     for policy in POLICIES:
-        settings = parse_options({"policy": policy, **sp_model.CASES[policy], "sync": False})
+        settings = parse_options({"policy": policy, **sp_model.case(policy), "sync": False})
         assert settings.sync is False and settings.process_group is None
     settings = parse_options({})
     assert settings.sync == "auto" and settings.process_group is None

@@ -138,7 +138,8 @@ def adacache_run(p, features: dict, num_steps):
     for s in range(num_steps):
         if p.decide(state, ctx(s, num_steps), None):
             computed.append(s)
-            p.after_compute(state, ctx(s, num_steps), [torch.full((1, 4, 3), features.get(s, 1.0))])
+            feature = torch.full((1, 4, 3), features.get(s, 1.0))
+            p.after_compute(state, ctx(s, num_steps), {"attention_output:middle": feature})  # by name
     return computed, state
 
 
@@ -170,7 +171,7 @@ def test_adacache_motion_regularisation():
     frames = torch.tensor([1.0, 1.0, 2.0, 2.0]).view(1, 4, 1).expand(1, 4, 3)
     for step, scale in [(0, 1.0), (1, 1.1), (2, 1.65)]:
         assert p.decide(state, ctx(step, 20), None)
-        p.after_compute(state, ctx(step, 20), [frames * scale])
+        p.after_compute(state, ctx(step, 20), {"attention_output:middle": frames * scale})
     moreg = ((1 / 3) / 0.385) ** 8
     assert state.intervals[1][1] == pytest.approx(0.1)  # outside the window: raw change
     assert state.intervals[2][1] == pytest.approx(0.5 * (moreg + 10 * abs(moreg - 1)))

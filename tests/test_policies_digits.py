@@ -11,10 +11,27 @@ import torch
 
 import cachepass
 from cachepass.demo import generate, load_digits_model, make_pipeline
+from cachepass.errors import OptionError
 from cachepass.metrics import psnr
+from cachepass.options import parse_options
 
 DIGITS = [0, 3, 5, 8]
-POLICIES = ["interval", "teacache", "taylorseer", "adacache", "customcache", "fbcache", "dbcache"]
+
+
+def runs_at_defaults(policy: str) -> bool:
+    """A policy that has usable defaults (magcache needs ratios) and reuses the cache (not ``none``)."""
+    try:
+        return parse_options({"policy": policy}).policy.requirements().reuses
+    except OptionError:
+        return False
+
+
+#: Every registered policy with usable defaults that reuses the cache.
+POLICIES = [policy for policy in cachepass.POLICIES if runs_at_defaults(policy)]
+
+
+def test_the_default_runs_cover_the_built_in_policies():
+    assert {"interval", "teacache", "taylorseer", "adacache", "customcache", "fbcache", "dbcache"} <= set(POLICIES)
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,9 @@
 """Every policy end to end on a tiny diffusers ``WanTransformer3DModel`` under ``torch.compile``.
 
 A fake 20-step flow-matching sampler calls the model twice per step with the same timestep (cond,
-then uncond: two streams) and combines them with CFG. For each policy: both streams skip some steps,
-the final latent stays within a relative L1 of ``MAX_REL_L1`` of the uncached model's (random tiny
+then uncond: two streams) and combines them with CFG. For each registered policy and each of its
+declared ``tiny`` examples (``Policy.examples``): both streams skip some steps (``none``: none), the
+final latent stays within a relative L1 of ``MAX_REL_L1`` of the uncached model's (random tiny
 weights; measured 0.4-2 %), and a second generation repeats the first one's schedule and output.
 """
 
@@ -16,6 +17,8 @@ import torch
 import cachepass
 from cachepass.analysis.features import resolve_feature
 from cachepass.analysis.structure import analyse
+from cachepass.options import DEFAULT_POLICY, parse_options
+from cachepass.policies.base import EXAMPLE_IMAGE, EXAMPLE_TINY
 from conftest import relative_l1
 from tiny_models import PlainDiT, tiny_wan
 
@@ -24,17 +27,22 @@ GUIDANCE = 5.0
 MAX_REL_L1 = 0.05
 FRAMES = 3
 
-CASES = {
-    "teacache-defaults": {},  # the default policy, Wan2.1 T2V 1.3B coefficients, threshold 0.2
-    "teacache-modulated": {"policy": "teacache", "indicator": "modulated_input", "coefficients": "identity",
-                           "threshold": 0.3},
-    "taylorseer": {"policy": "taylorseer", "order": 2},
-    "taylorseer-block": {"policy": "taylorseer", "order": 2, "granularity": "block"},
-    "adacache": {"policy": "adacache"},
-    "customcache": {"policy": "customcache", "coefficients": "identity", "threshold": 0.3},
-    "fbcache": {"policy": "fbcache"},
-    "dbcache": {"policy": "dbcache", "Fn": 1, "Bn": 1, "warmup": 2, "threshold": 0.05, "taylor": 1},
-}
+
+
+def _cases() -> dict[str, tuple[str, dict]]:
+    """``case id -> (policy, options)``: every registered policy's ``tiny`` examples (``teacache-modulated``
+    for ``tiny:modulated``). The default policy's ``tiny`` example runs without naming the policy, as a
+    user who sets no option gets it."""
+    cases = {}
+    for policy, cls in cachepass.POLICIES.items():
+        for name, example in cls.tiny_examples().items():
+            case = policy if name == EXAMPLE_TINY else f"{policy}-{name.partition(':')[2]}"
+            named = not (policy == DEFAULT_POLICY and name == EXAMPLE_TINY)
+            cases[case] = (policy, {"policy": policy, **example} if named else example)
+    return cases
+
+
+CASES = _cases()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -81,20 +89,36 @@ def schedule(streams):
     return [(s.stream, s.computed_steps, s.reused_steps) for s in streams]
 
 
+def test_the_cases_cover_the_built_in_examples():
+    """The cases the table above held before it came from the registry, and the policies it left out."""
+    assert {"teacache", "teacache-modulated", "taylorseer", "taylorseer-block", "adacache", "customcache",
+            "fbcache", "dbcache", "interval", "magcache", "none"} <= set(CASES)
+    assert CASES["teacache"] == ("teacache", {})  # the defaults, policy not named
+    assert CASES["dbcache"][1] == {"policy": "dbcache", "Fn": 1, "Bn": 1, "warmup": 2, "threshold": 0.05, "taylor": 1}
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_policy_end_to_end(case, model, inputs, reference):
     module = copy.deepcopy(model)  # its own runtime state
-    options = {**CASES[case], "inner": "eager", "num_steps": NUM_STEPS}
+    policy, example = CASES[case]
+    options = {**example, "inner": "eager", "num_steps": NUM_STEPS}
+    reuses = parse_options(options).policy.requirements().reuses
     compiled = torch.compile(module, backend="cachepass", options=options)
 
     first = sample(compiled, inputs)
     stats = cachepass.stats(compiled)
-    assert stats.caching and stats.policy == CASES[case].get("policy", "teacache")
+    assert stats.caching and stats.policy == policy
     assert len(stats.streams) == 2
     for s in stats.streams:
         assert s.steps == NUM_STEPS and s.computed_steps[0] == 0
-        assert s.reused_steps, f"stream {s.stream} never reused the cache"
-    assert stats.computed_calls < stats.calls == 2 * NUM_STEPS
+        if reuses:
+            assert s.reused_steps, f"stream {s.stream} never reused the cache"
+        else:
+            assert not s.reused_steps
+    if reuses:
+        assert stats.computed_calls < stats.calls == 2 * NUM_STEPS
+    else:
+        assert stats.computed_calls == stats.calls == 2 * NUM_STEPS
 
     assert relative_l1(first, reference) < MAX_REL_L1
 
@@ -146,10 +170,10 @@ def test_the_last_step_is_forced_only_when_the_step_count_is_known(model, inputs
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_policy_on_a_model_outside_diffusers(case):
-    """The same options on a DiT written in the tests (no frames: adacache's motion term off)."""
-    options = {**CASES[case], "inner": "eager", "num_steps": 10}
-    if options.get("policy") == "adacache":
-        options["motion"] = False
+    """The same options on a DiT written in the tests, with the policy's ``image`` example merged over them
+    (no frames: adacache's motion term off)."""
+    policy, example = CASES[case]
+    options = {**example, **cachepass.POLICIES[policy].example(EXAMPLE_IMAGE), "inner": "eager", "num_steps": 10}
     compiled = torch.compile(PlainDiT().eval(), backend="cachepass", options=options)
     g = torch.Generator().manual_seed(0)
     x, drift = torch.randn(1, 16, 4, generator=g), torch.randn(1, 16, 4, generator=g)

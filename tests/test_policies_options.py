@@ -56,10 +56,23 @@ def test_granularity_reaches_the_reconstruction():
         assert settings.policy.requirements().reconstruction == TaylorReuse(order=3, granularity=granularity)
 
 
-@pytest.mark.parametrize("policy", ["teacache", "taylorseer", "adacache", "customcache", "fbcache", "dbcache"])
+@pytest.mark.parametrize("policy", list(cachepass.POLICIES))
 def test_unknown_option_lists_the_valid_ones(policy):
     with pytest.raises(ValueError, match="unknown option 'treshold'.*valid options are"):
         parse_options({"policy": policy, "treshold": 0.1})
+
+
+@pytest.mark.parametrize("policy", list(cachepass.POLICIES))
+def test_every_declared_example_is_valid(policy):
+    """Each registered policy's example options (``Policy.examples``) parse, and its requirements name
+    real indicators and features (checked when stated)."""
+    cls = cachepass.POLICIES[policy]
+    assert "tiny" in cls.examples, f"{policy} declares no 'tiny' example (docs/policies.md, Adding a policy)"
+    for name in cls.examples:
+        options = {**cls.example("tiny"), **cls.example(name)} if name == "image" else cls.example(name)
+        settings = parse_options({"policy": policy, **options})
+        assert settings.policy.name == policy and isinstance(settings.policy, cls)
+        settings.policy.requirements()
 
 
 def test_defaults():

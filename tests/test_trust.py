@@ -15,6 +15,8 @@ import pytest
 import torch
 
 import cachepass
+from cachepass.errors import OptionError
+from cachepass.options import parse_options
 from cachepass.runtime.placement import MAX_BRANCHES
 from cachepass.runtime.state import HISTORY, runtime_for
 from conftest import count_attention_calls, relative_l1
@@ -224,15 +226,19 @@ def test_an_interrupted_pipeline_call_then_a_new_one():
 
 # --- 8. first generation == second generation ------------------------------------------------------
 
-DEFAULT_POLICIES = ["teacache", "taylorseer", "adacache", "customcache", "fbcache", "dbcache", "magcache",
-                    "interval"]
-
-
-def _policy_options(policy: str, steps: int) -> dict:
+def _policy_options(policy: str, steps: int = 10) -> dict:
+    """The policy at its defaults; a required option without default (magcache's ratios) from its example."""
     options = {"policy": policy, "inner": "eager"}
-    if policy == "magcache":  # no default ratios: a plausible decreasing curve, one per step
-        options["mag_ratios"] = [1.0] + [0.99 - 0.01 * i for i in range(steps - 1)]
+    try:
+        parse_options(options)
+    except OptionError:
+        options.update(cachepass.POLICIES[policy].example())
     return options
+
+
+#: every registered policy that reuses, at its defaults
+DEFAULT_POLICIES = [name for name in cachepass.POLICIES
+                    if parse_options(_policy_options(name)).policy.requirements().reuses]
 
 
 @pytest.mark.parametrize("policy", DEFAULT_POLICIES)

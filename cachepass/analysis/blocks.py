@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
-from ..errors import NoBlockStack, UnsupportedStructure
+from ..errors import NoBlockStack
 from .module_paths import ModuleRef, enclosing_list_child
 
 

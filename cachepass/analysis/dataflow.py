@@ -46,18 +46,29 @@ def ancestors_within(g: nx.DiGraph, targets: Iterable[fx.Node], region: set[fx.N
 
 def is_convex(g: nx.DiGraph, region: set[fx.Node]) -> bool:
     """No path leaves ``region`` and comes back into it."""
-    exits = {s for n in region for s in g.successors(n) if s not in region}
-    seen: set[fx.Node] = set()
-    stack = list(exits)
+    return convexity_violation(g, region) is None
+
+
+def convexity_violation(g: nx.DiGraph, region: set[fx.Node]) -> tuple[fx.Node, fx.Node, fx.Node] | None:
+    """A path that leaves ``region`` and comes back, as ``(left from, first node outside, came back
+    at)``; ``None`` when the region is convex."""
+    came_from: dict[fx.Node, tuple[fx.Node, fx.Node]] = {}  # outside node -> (region node, first outside)
+    stack = []
+    for n in (m for m in g if m in region):  # graph order: the first violation is reported
+        for s in g.successors(n):
+            if s not in region and s not in came_from:
+                came_from[s] = (n, s)
+                stack.append(s)
     while stack:
         n = stack.pop()
-        if n in seen:
-            continue
-        if n in region:
-            return False
-        seen.add(n)
-        stack.extend(g.successors(n))
-    return True
+        for s in g.successors(n):
+            if s in region:
+                left, outside = came_from[n]
+                return left, outside, s
+            if s not in came_from:
+                came_from[s] = came_from[n]
+                stack.append(s)
+    return None
 
 
 def is_inplace(node: fx.Node) -> bool:

@@ -11,18 +11,79 @@ one frame, which no ``(batch, tokens, width)`` stream tensor can.
 ``stream_input`` / ``stream_output`` (no index) are the first residual-stream tensor entering and
 leaving the whole block stack: their difference is the residual a reuse replays, so calibration
 records them. ``indicator:NAME`` is an indicator the analysis found (``timestep_embedding``,
-``modulated_input``, ``first_block_output``), for a policy that compares several candidates.
+``modulated_input``, ``first_block_output``: :data:`~cachepass.analysis.indicators.INDICATORS`), for a
+policy that compares several candidates; a policy's ``Requirements.indicator`` may name its indicator
+the same way (``indicator:timestep_embedding`` or just ``timestep_embedding``, see :func:`indicator_name`).
+
+:func:`check_feature_name` checks a name's spelling without a graph (a policy's requirements are
+checked before anything is traced); :func:`resolve_feature` finds the node in an analysed graph.
 """
 
 from __future__ import annotations
+
+import re
 
 import networkx as nx
 import torch
 import torch.fx as fx
 
 from ..errors import UnsupportedStructure
+from .indicators import INDICATORS
 from .module_paths import module_stack
 from .values import example_value, tensor_signature
+
+#: Features of one block: ``KIND:K``, ``K`` ``middle`` or an integer of at most 5 digits (negative: from the end).
+BLOCK_FEATURE = re.compile(r"(block_output|attention_output):(middle|-?[0-9]{1,5})")
+#: Features without an index.
+PLAIN_FEATURES = ("frame_grid", "stream_input", "stream_output")
+#: What every name error lists.
+NAMES = "block_output:K, attention_output:K, indicator:NAME, frame_grid, stream_input or stream_output"
+
+
+def _unknown(name) -> str:
+    return f"unknown feature {name!r}: use {NAMES}"
+
+
+def check_feature_name(name) -> str:
+    """``name`` if it is a feature name (the grammar above; ``indicator:NAME`` with ``NAME`` an
+    analysis indicator), else ``ValueError`` saying what is allowed. No graph needed."""
+    if isinstance(name, str) and (name in PLAIN_FEATURES or BLOCK_FEATURE.fullmatch(name)):
+        return name
+    if isinstance(name, str) and name.startswith("indicator:"):
+        indicator = name.partition(":")[2]
+        found = [n for n, i in INDICATORS.items() if not i.made_by_partition]
+        if indicator in found:
+            return name
+        if indicator in INDICATORS:
+            raise ValueError(f"feature {name!r}: {indicator!r} is made by the partition from the policy's "
+                             "compute_first blocks; it can be the policy's Requirements.indicator, not a feature")
+        raise ValueError(f"feature {name!r}: no indicator {indicator!r} (indicators: {', '.join(found)})")
+    raise ValueError(_unknown(name))
+
+
+def indicator_name(name) -> str:
+    """The indicator a policy names in ``Requirements.indicator``: ``NAME`` or the feature name
+    ``indicator:NAME``, ``NAME`` one of :data:`~cachepass.analysis.indicators.INDICATORS`; returned as
+    ``NAME`` (what the analysis keys its indicators by). Else ``ValueError``."""
+    if isinstance(name, str):
+        bare = name[len("indicator:"):] if name.startswith("indicator:") else name
+        if bare in INDICATORS:
+            return bare
+    raise ValueError(
+        f"indicator {name!r} is not one the head graph can compute before the decision: use one of "
+        f"{', '.join(map(repr, INDICATORS))} (or 'indicator:NAME'); a tensor inside the blocks is observed "
+        "after a computed call instead (Requirements.observe)")
+
+
+def token_dependent(name: str) -> bool:
+    """Whether the feature or indicator ``name`` holds per-token values, which differ between the ranks
+    of a sequence-parallel run (so statistics of it must be summed over them); ``frame_grid`` is read
+    for its shape only, ``timestep_embedding`` is the same everywhere."""
+    if name == "frame_grid":
+        return False
+    if name.startswith("indicator:") or name in INDICATORS:
+        return INDICATORS[indicator_name(name)].token_dependent
+    return True
 
 
 def _block_index(structure, token: str) -> int:
@@ -60,6 +121,8 @@ def resolve_feature(structure, name: str) -> fx.Node:
         first = structure.stream[0]
         return first.input if name == "stream_input" else first.output
     kind, _, token = name.partition(":")
+    if kind != "indicator" and not BLOCK_FEATURE.fullmatch(name):
+        raise UnsupportedStructure(_unknown(name))
     if kind == "indicator":
         if token not in structure.indicators:
             found = ", ".join(sorted(structure.indicators)) or "none"
@@ -85,9 +148,4 @@ def resolve_feature(structure, name: str) -> fx.Node:
                     last = node
             elif attention is not None:
                 return last
-    else:
-        raise UnsupportedStructure(
-            f"unknown feature {name!r}: use block_output:K, attention_output:K, indicator:NAME, frame_grid, "
-            "stream_input or stream_output"
-        )
     raise UnsupportedStructure(f"feature {name!r} not found in block {block.module.qualified_name!r}")

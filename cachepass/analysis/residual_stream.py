@@ -56,7 +56,7 @@ def find_residual_stream(
             candidates = direct or candidates
         if not candidates:
             raise UnsupportedStructure(
-                f"body output {out.name!r} (shape {list(signature[0])}) has no body input of the same "
+                f"body output {out.name!r} (shape [{', '.join(signature[0])}]) has no body input of the same "
                 "shape and dtype to form a residual with"
             )
         taken.add(candidates[0])

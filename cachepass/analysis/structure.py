@@ -5,7 +5,7 @@ Order (each pass reads what the previous ones found, none changes the graph):
 1. ``find_block_stack``  - the repeated blocks (``blocks.py``)
 2. ``split_regions``     - head / body / tail node sets, hoisting body-range nodes that do not need
                            the blocks into the head
-3. checks               - the body is convex and writes into nothing made outside it
+3. ``check_body``        - the body is convex and writes into nothing made outside it
 4. ``find_residual_stream`` - stream tensors and their in/out pairing (``residual_stream.py``)
 5. ``find_timestep``     - timestep input and embedding (``timestep.py``)
 6. ``find_indicators``   - modulated input, first block output (``indicators.py``)
@@ -23,11 +23,9 @@ import torch.fx as fx
 
 from .._logging import get_logger
 from ..errors import SplitStack, UnsupportedStructure
-from .blocks import BlockStack, find_block_stack
-from .dataflow import is_convex, mutations_escaping, to_networkx
-from .indicators import find_first_block_output, find_modulated_input
-from .residual_stream import StreamTensor, body_inputs, body_outputs, find_residual_stream
-from .timestep import find_timestep_embedding, find_timestep_input
+from .blocks import BlockStack
+from .dataflow import alias_root, convexity_violation, mutations_escaping
+from .residual_stream import StreamTensor
 
 log = get_logger(__name__)
 
@@ -112,49 +110,36 @@ def _check_whole(root, parent: str, indices: list) -> None:
             f"fullgraph=True, or TORCH_LOGS=graph_breaks, to see where it is)", parent)
 
 
-def analyse(gm: fx.GraphModule, root=None) -> DenoiserStructure:
-    """Run the analysis passes on ``gm``. ``root`` (the original module, when known) lets the pass
-    check that the graph holds the whole block list (a graph break would split it)."""
-    stacks = find_block_stack(gm)
-    if root is not None:
-        for stack in stacks:
-            _check_whole(root, stack.parent, [b.module.index for b in stack.blocks])
-    head, body, tail = split_regions(gm, stacks)
-    g = to_networkx(gm.graph)
-    if not is_convex(g, body):
-        raise UnsupportedStructure("the block stack is not a convex region: a value leaves it and comes back")
+def check_body(g: nx.DiGraph, body: set[fx.Node]) -> None:
+    """The body invariants: it is convex (no path leaves it and comes back) and writes in place into
+    nothing made outside it. Raises :class:`UnsupportedStructure` naming the nodes."""
+    violation = convexity_violation(g, body)
+    if violation is not None:
+        left, outside, back = violation
+        raise UnsupportedStructure(
+            "the block stack is not a convex region: a value leaves it and comes back "
+            f"({left.name!r} is read by {outside.name!r} outside the blocks, which leads back into them at "
+            f"{back.name!r})"
+        )
     escaping = mutations_escaping(body)
     if escaping:
+        order = {n: i for i, n in enumerate(escaping[0].graph.nodes)}
+        escaping.sort(key=order.__getitem__)
+        targets = ", ".join(f"{n.name!r} into {alias_root(n.args[0]).name!r}" for n in escaping[:3])
         raise UnsupportedStructure(
             "the block stack writes in place into tensors made outside it "
-            f"({', '.join(n.name for n in escaping[:3])}); skipping it would change those tensors"
+            f"({targets}{f' and {len(escaping) - 3} more' if len(escaping) > 3 else ''}); skipping it "
+            "would change those tensors"
         )
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    inputs, outputs = body_inputs(body, order), body_outputs(body, order)
-    first_block = [n for n in stacks[0].blocks[0].nodes if n in body]
-    stream = find_residual_stream(g, inputs, outputs, set(first_block))
-    stream_inputs = {s.input for s in stream}
-    side_inputs = [i for i in inputs if i not in stream_inputs]
-    stream_sources = set().union(*(nx.ancestors(g, s.input) | {s.input} for s in stream))
 
-    timestep = find_timestep_input(gm, g)
-    embedding = find_timestep_embedding(g, timestep, side_inputs, stream_sources)
-    indicators: dict[str, fx.Node] = {}
-    if embedding is not None:
-        indicators["timestep_embedding"] = embedding
-    modulated = find_modulated_input(g, first_block, stream, embedding)
-    if modulated is not None:
-        indicators["modulated_input"] = modulated
-    first_out = find_first_block_output(first_block, stream)
-    if first_out is not None:
-        indicators["first_block_output"] = first_out
 
-    structure = DenoiserStructure(
-        gm=gm, stacks=stacks, head=head, body=body, tail=tail, stream=stream, side_inputs=side_inputs,
-        timestep_input=timestep, indicators=indicators, dataflow=g,
-    )
-    log.debug(
-        "analysed graph: %d blocks in %d stack(s), %d stream tensor(s), timestep input %s, indicators %s",
-        len(structure.blocks), len(stacks), len(stream), timestep and timestep.name, sorted(indicators),
-    )
-    return structure
+def analyse(gm: fx.GraphModule, root=None) -> DenoiserStructure:
+    """Run the analysis passes on ``gm``. ``root`` (the original module, when known) lets the pass
+    check that the graph holds the whole block list (a graph break would split it).
+
+    The passes run as the stages ``cachepass.stages.ANALYSIS`` (one runner for the backend, ``explain``
+    and calibration); each stage calls one function of this package (``check_body``, ``find_indicators``,
+    ...): change a pass there."""
+    from ..stages import analyse_graph
+
+    return analyse_graph(gm, root).structure

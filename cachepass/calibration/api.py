@@ -1,4 +1,10 @@
-"""``cachepass.calibrate``: record, fit, choose the threshold, check once, return a :class:`Profile`."""
+"""``cachepass.calibrate``: record, fit, choose the threshold, check once, return a :class:`Profile`.
+
+Generic over the policies: a policy is calibratable when its class declares a
+:class:`~cachepass.policies.base.Calibration` (``Policy.calibration``), which fits it to the recording
+and returns the threshold search and the options to store; this module records, picks the threshold for
+the target, writes and checks the profile.
+"""
 
 from __future__ import annotations
 
@@ -11,16 +17,27 @@ from .._logging import get_logger
 from ..api import stats
 from ..backend import CachepassBackend
 from ..errors import OptionError
+from ..policies.base import CalibrationFit, Policy
 from ..policies.distance import relative_l1
-from ..policies.magcache import UNSET_DEFAULTS as MAGCACHE_DEFAULTS
-from ..policies.magcache import MagCacheConfig, MagCachePolicy
-from ..policies.teacache import TeaCacheConfig, TeaCachePolicy
-from .fit import fit_teacache, magnitude_ratios
-from .profile import POLICIES, Profile
+from .profile import Profile, calibratable_policies
 from .record import INDICATOR_CANDIDATES, Recording, call_run, intercept, output_tensor, plain_module, record
-from .threshold import ThresholdSearch
 
 log = get_logger(__name__)
+
+
+def calibratable(policy) -> type[Policy]:
+    """The registered policy class named ``policy`` if it declares a calibration, else an
+    :class:`OptionError` saying which policies do."""
+    from ..policies import POLICIES
+
+    policies = calibratable_policies()
+    if isinstance(policy, str) and policy in policies:
+        return policies[policy]
+    names = ", ".join(map(repr, policies))
+    if isinstance(policy, str) and policy in POLICIES:
+        raise OptionError(f"calibrate: policy must be one of {names}; policy {policy!r} declares no calibration "
+                          "(only policies with a Policy.calibration can be fitted to a model)")
+    raise OptionError(f"calibrate: policy must be one of {names}; got {policy!r}")
 
 
 def compute_budget(num_steps: int, target_speedup: float | None, target_steps: int | None) -> int:
@@ -48,27 +65,17 @@ def _check_targets(target_speedup, target_steps, max_error) -> tuple:
     return target_speedup, target_steps, max_error
 
 
+def _fit(policy: str, recording: Recording, indicator: str, degree: int, options: dict,
+         budget: int | None = None) -> CalibrationFit:
+    """The policy's own fit (``Policy.calibration.fit``) on ``recording``."""
+    return calibratable(policy).calibration.fit(recording, indicator=indicator, degree=degree, options=options,
+                                                budget=budget)
+
+
 def _search(policy: str, recording: Recording, indicator: str, degree: int, options: dict):
-    """The policy family to search over, its fixed options and the fit report."""
-    if policy == "teacache":
-        fit = fit_teacache(recording, indicator, degree)
-        others = {i: round(fit_teacache(recording, i, degree).r2, 6) for i in recording.indicators}
-        fixed = {"indicator": indicator, "coefficients": list(fit.coefficients), "ret_steps": False}
-
-        def make(thr):
-            return TeaCachePolicy(TeaCacheConfig(threshold=thr, **fixed))
-
-        return ThresholdSearch(make, recording, indicator), fixed, {**fit.to_dict(), "r2_by_indicator": others}
-    ratios = magnitude_ratios(recording)
-    fixed = {key: options.get(key, MAGCACHE_DEFAULTS[key]) for key in ("max_skip_steps", "retention_ratio")}
-    fixed["mag_ratios"] = ratios
-
-    def make(thr):
-        return MagCachePolicy(MagCacheConfig(threshold=thr, **fixed))
-
-    # how far single generations stray from the mean ratios (MagCache's premise: prompt-independent ratios)
-    spread = [max(abs(a - b) for a, b in zip(t.magnitude_ratio, ratios[t.stream])) for t in recording.trajectories]
-    return ThresholdSearch(make, recording, None), fixed, {"max_ratio_deviation": round(max(spread), 6)}
+    """The policy family to search over, its fixed options and the fit report (no compute budget)."""
+    fit = _fit(policy, recording, indicator, degree, options)
+    return fit.search, fit.fixed, fit.report
 
 
 def _check(run, model, profile: Profile, recording: Recording, inner) -> dict:
@@ -102,7 +109,8 @@ def calibrate(
     recording: Recording | None = None,
     **options,
 ) -> Profile:
-    """Fit ``policy`` (``"teacache"`` or ``"magcache"``) to ``model`` and pick its threshold for a target.
+    """Fit ``policy`` (one that declares a calibration: ``"teacache"`` or ``"magcache"``) to ``model`` and pick
+    its threshold for a target.
 
     ``run`` does one whole generation with ``model`` (``lambda: pipe(...)``; a callable taking one argument
     gets the generation index). It is run ``generations`` times with every step computed (seed it: the
@@ -111,12 +119,13 @@ def calibrate(
     ``target_speedup`` (computed steps per stream at most ``floor(steps / target_speedup)``; 2.0 when no
     target is given), ``target_steps`` (that many computed steps per stream) or ``max_error`` (predicted
     mean relative L1 error of the block-stack output per call). ``recording`` reuses an earlier
-    :func:`record` instead of recording again. ``options``: ``max_skip_steps``, ``retention_ratio`` for
-    magcache (``max_skip_steps`` left unset is raised from 4 until the compute target is reachable). Returns a :class:`Profile`; ``profile.save(path)`` and ``options={"profile": path}``.
+    :func:`record` instead of recording again. ``options``: the policy's own (its ``Calibration.options``):
+    ``max_skip_steps``, ``retention_ratio`` for magcache (``max_skip_steps`` left unset is raised from 4 until
+    the compute target is reachable). Returns a :class:`Profile`; ``profile.save(path)`` and
+    ``options={"profile": path}``. A policy that declares no calibration is an :class:`OptionError`.
     """
-    if policy not in POLICIES:
-        raise OptionError(f"calibrate: policy must be one of {', '.join(map(repr, POLICIES))}; got {policy!r}")
-    unknown = sorted(set(options) - ({"max_skip_steps", "retention_ratio"} if policy == "magcache" else set()))
+    calibration = calibratable(policy).calibration
+    unknown = sorted(set(options) - set(calibration.options))
     if unknown:
         raise OptionError(f"calibrate: unknown option(s) {', '.join(map(repr, unknown))} for policy {policy!r}")
     if indicator not in INDICATOR_CANDIDATES:
@@ -128,11 +137,8 @@ def calibrate(
         recording = record(run, model, generations=generations, window=window, inner=inner)
     n = recording.num_steps
     budget = None if max_error is not None else compute_budget(n, target_speedup, target_steps)
-    search, fixed, fit_report = _search(policy, recording, indicator, degree, options)
-    if policy == "magcache" and budget is not None and "max_skip_steps" not in options:
-        while search.count(math.inf) > budget and fixed["max_skip_steps"] < n:  # K caps the skipping: raise it
-            options = {**options, "max_skip_steps": fixed["max_skip_steps"] + 1}
-            search, fixed, fit_report = _search(policy, recording, indicator, degree, options)
+    fit = _fit(policy, recording, indicator, degree, options, budget)
+    search, fixed, fit_report = fit.search, fit.fixed, fit.report
     if budget is None:
         chosen, target = search.for_error(max_error), {"max_error": max_error}
     else:

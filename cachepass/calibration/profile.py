@@ -5,6 +5,10 @@ It names the policy it was made for, the options that policy reads from it, the 
 steps it was calibrated at and a fingerprint of the model's architecture; the rest (fit quality, the
 target, predicted and measured numbers) is a report kept with it.
 
+Which policies have profiles, and what their ``options`` hold, is the policies' own business: a policy
+class that declares a :class:`~cachepass.policies.base.Calibration` is calibratable, and its calibration's
+``profile_options`` checks the profile's options (besides ``threshold``) through :class:`ProfileFields`.
+
 The model fingerprint is the class name, the parameter count and a SHA-256 over the names, shapes and
 dtypes of all parameters and buffers plus the model's ``config`` (diffusers models) - not over the
 weights, which would take seconds on a large model. So it tells two architectures apart, not a model
@@ -20,21 +24,27 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from .._logging import get_logger, warn_once
 from ..errors import OptionError
-from ..policies.base import (
-    MAX_COEFFICIENTS, MAX_STEPS, MAX_STREAMS, Invalid, boolean, finite_number, integer, is_sequence, number_list, show,
-)
+from ..policies.base import MAX_STEPS, Invalid, boolean, finite_number, integer, is_sequence, number_list, show
+
+if TYPE_CHECKING:
+    from ..policies.base import Policy
 
 log = get_logger(__name__)
 
 FORMAT = "cachepass-profile"
 VERSION = 1
-POLICIES = ("teacache", "magcache")
+
+
+def calibratable_policies() -> dict[str, type["Policy"]]:
+    """The registered policies that declare a calibration (``Policy.calibration``), by name: the ones
+    ``cachepass.calibrate`` fits and whose name a profile's ``policy`` field may hold."""
+    from ..policies import POLICIES
+
+    return {name: cls for name, cls in POLICIES.items() if cls.calibration is not None}
 
 
 # --- model fingerprint ---------------------------------------------------------------------------
@@ -130,50 +140,66 @@ def _numbers(source, name, value, *, positive=False, max_length=MAX_STEPS):
         raise _field(source, name, exc) from None
 
 
-def _options(source: str, policy: str, options: Any, num_steps: int) -> dict:
-    from ..policies.teacache import INDICATOR_CHOICES
+_FIELD = object()
 
-    _object(source, "options", options)
-    out = {}
 
-    def need(key):
-        if key not in options:
-            raise _fail(source, f"field 'options.{key}' is missing (a {policy} profile needs it)")
-        return options[key]
+class ProfileFields:
+    """The ``options`` object of one profile, for a policy's ``Calibration.profile_options`` to read field by
+    field. Each getter returns the checked value of ``options[key]`` (or of ``value=`` when given, an item
+    of a field: ``numbers("mag_ratios[0]", value=row)``) or raises an :class:`OptionError` naming the file
+    and the field (``'options.KEY'``). ``num_steps`` is the profile's step count."""
 
-    out["threshold"] = _number(source, "options.threshold", need("threshold"), minimum=0.0)
-    if policy == "magcache":  # optional: the replay's values, used unless the user sets them
-        if "max_skip_steps" in options:
-            out["max_skip_steps"] = _integer(source, "options.max_skip_steps", options["max_skip_steps"], minimum=0,
-                                             maximum=MAX_STEPS)
-        if "retention_ratio" in options:
-            out["retention_ratio"] = _number(source, "options.retention_ratio", options["retention_ratio"],
-                                             minimum=0.0, maximum=1.0)
-    if policy == "teacache":
-        indicator = _typed(source, "options.indicator", need("indicator"), str, "a string")
-        if indicator not in INDICATOR_CHOICES:
-            raise _fail(source, f"field 'options.indicator' must be one of {', '.join(map(repr, INDICATOR_CHOICES))}, "
-                                f"got {show(indicator)}")
-        out["indicator"] = indicator
-        out["coefficients"] = _numbers(source, "options.coefficients", need("coefficients"),
-                                       max_length=MAX_COEFFICIENTS)
+    def __init__(self, source: str, policy: str, options: dict, num_steps: int) -> None:
+        self.source, self.policy, self.options, self.num_steps = source, policy, options, num_steps
+
+    def has(self, key: str) -> bool:
+        return key in self.options
+
+    def need(self, key: str) -> Any:
+        """The raw value; a missing field is an error."""
+        if key not in self.options:
+            raise self.fail(f"field 'options.{key}' is missing (a {self.policy} profile needs it)")
+        return self.options[key]
+
+    def _get(self, key: str, value: Any) -> Any:
+        return self.need(key) if value is _FIELD else value
+
+    def number(self, key: str, *, value: Any = _FIELD, minimum=None, maximum=None, positive=False) -> float:
+        return _number(self.source, f"options.{key}", self._get(key, value), minimum=minimum, maximum=maximum,
+                       positive=positive)
+
+    def integer(self, key: str, *, value: Any = _FIELD, minimum=None, maximum=None) -> int:
+        return _integer(self.source, f"options.{key}", self._get(key, value), minimum=minimum, maximum=maximum)
+
+    def numbers(self, key: str, *, value: Any = _FIELD, positive=False, max_length=MAX_STEPS) -> list[float]:
+        return _numbers(self.source, f"options.{key}", self._get(key, value), positive=positive,
+                        max_length=max_length)
+
+    def choice(self, key: str, choices: tuple[str, ...], *, value: Any = _FIELD) -> str:
+        """A string, one of ``choices``."""
+        text = _typed(self.source, f"options.{key}", self._get(key, value), str, "a string")
+        if text not in choices:
+            raise self.fail(f"field 'options.{key}' must be one of {', '.join(map(repr, choices))}, got {show(text)}")
+        return text
+
+    def boolean(self, key: str, *, value: Any = _FIELD) -> bool:
+        raw = self._get(key, value)
         try:
-            out["ret_steps"] = boolean(need("ret_steps"))
+            return boolean(raw)
         except Invalid:
-            raise _fail(source, f"field 'options.ret_steps' must be true or false, got {show(options['ret_steps'])}") \
-                from None
-    else:
-        ratios = need("mag_ratios")
-        if isinstance(ratios, np.ndarray) and ratios.ndim == 2:
-            ratios = ratios.tolist()
-        if not isinstance(ratios, (list, tuple)) or not 1 <= len(ratios) <= MAX_STREAMS:
-            raise _fail(source, f"field 'options.mag_ratios' must be a list of 1 to {MAX_STREAMS} per-stream lists, "
-                                f"got {show(ratios)}")
-        out["mag_ratios"] = [_numbers(source, f"options.mag_ratios[{i}]", r, positive=True)
-                             for i, r in enumerate(ratios)]
-        bad = [len(r) for r in out["mag_ratios"] if len(r) != num_steps]
-        if bad:
-            raise _fail(source, f"field 'options.mag_ratios' has {bad[0]} ratios per stream for num_steps={num_steps}")
+            raise self.fail(f"field 'options.{key}' must be true or false, got {show(raw)}") from None
+
+    def fail(self, message: str) -> OptionError:
+        """The error for ``message`` (``"field 'options.KEY' ..."``), naming the file; raise it."""
+        return _fail(self.source, message)
+
+
+def _options(source: str, policy: str, options: Any, num_steps: int) -> dict:
+    """The profile's options: ``threshold`` (every calibration searches one), then the policy's own."""
+    _object(source, "options", options)
+    fields = ProfileFields(source, policy, options, num_steps)
+    out = {"threshold": fields.number("threshold", minimum=0.0)}
+    out.update(calibratable_policies()[policy].calibration.profile_options(fields))
     unknown = sorted(set(options) - set(out))
     if unknown:
         raise _fail(source, f"unknown field(s) {', '.join(show('options.' + k) for k in unknown[:5])} "
@@ -220,9 +246,9 @@ class Profile:
         for key in ("policy", "num_steps", "model", "options"):
             if key not in data:
                 raise _fail(source, f"field {key!r} is missing")
-        policy = data["policy"]
-        if not isinstance(policy, str) or policy not in POLICIES:
-            raise _fail(source, f"field 'policy' must be one of {', '.join(map(repr, POLICIES))}, got {show(policy)}")
+        policy, policies = data["policy"], calibratable_policies()
+        if not isinstance(policy, str) or policy not in policies:
+            raise _fail(source, f"field 'policy' must be one of {', '.join(map(repr, policies))}, got {show(policy)}")
         num_steps = _integer(source, "num_steps", data["num_steps"], minimum=1, maximum=MAX_STEPS)
         model = _object(source, "model", data["model"])
         for key in ("class", "parameters", "digest"):
@@ -301,9 +327,9 @@ class Profile:
         lines = [f"cachepass profile [{self.policy}] for {self.model.class_name} ({self.model.parameters} "
                  f"parameters), {self.num_steps} steps"]
         for key, value in self.options.items():
-            if key == "mag_ratios":
-                value = f"{len(value)} stream(s) x {len(value[0])} steps"
-            elif key == "coefficients":
+            if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
+                value = f"{len(value)} stream(s) x {len(value[0])} steps"  # a table per stream and step
+            elif isinstance(value, list) and all(isinstance(v, float) for v in value):
                 value = "[" + ", ".join(f"{c:.6g}" for c in value) + "]"
             lines.append(f"  {key}: {value}")
         for key, value in self.report.items():

@@ -25,9 +25,8 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .._logging import get_logger
-from ..analysis.structure import analyse
-from ..backend import compile_with_settings, find_root_module
-from ..errors import OptionError, UnsupportedStructure
+from ..backend import compile_with_settings
+from ..errors import OptionError
 from ..options import Settings
 from ..policies.base import CallContext, Policy, PolicyConfig, Requirements
 from ..policies.distance import relative_l1
@@ -126,17 +125,18 @@ class RecordingPolicy(Policy):
     def decide(self, state, ctx: CallContext, indicator) -> bool:
         return True
 
-    def after_compute(self, state: _StreamRecorder, ctx: CallContext, observed: list[torch.Tensor]) -> None:
+    def after_compute(self, state: _StreamRecorder, ctx: CallContext, observed: dict[str, torch.Tensor]) -> None:
         if state.trajectory is None:
             state.trajectory = Trajectory(ctx.generation, ctx.stream, self.config.window,
                                           indicator_change={i: [] for i in self.config.indicators})
             self.trajectories.append(state.trajectory)
         traj = state.trajectory
-        stream_in, stream_out, *indicators = observed
+        stream_in, stream_out = observed["stream_input"], observed["stream_output"]
         residual = stream_out.detach() - stream_in.detach()
         traj.timesteps.append(ctx.timestep)
         traj.output_mean.append(stream_out.detach().float().abs().mean().item())
-        for name, value in zip(self.config.indicators, indicators):
+        for name in self.config.indicators:
+            value = observed[f"indicator:{name}"]
             before = state.previous.get(name)
             traj.indicator_change[name].append(math.nan if before is None else relative_l1(value, before))
             state.previous[name] = value.detach().clone()
@@ -153,22 +153,27 @@ class RecordingPolicy(Policy):
 
 
 class _RecordingBackend:
-    """A Dynamo backend: the cachepass pass with the recording policy, observing the indicators found."""
+    """A Dynamo backend: the cachepass pass with the recording policy, observing the indicators found.
+
+    The policy is made once the analysis stages have run (``configure``): each graph is analysed once."""
 
     def __init__(self, window: int, indicators: tuple[str, ...], inner) -> None:
         self.window, self.indicators, self.inner = window, indicators, inner
         self.policies: list[RecordingPolicy] = []
 
+    def _settings(self, available: tuple[str, ...]) -> Settings:
+        return Settings(policy=RecordingPolicy(RecordConfig(self.window, available)), inner=self.inner)
+
     def __call__(self, gm, example_inputs):
-        available: tuple[str, ...] = ()
-        try:
-            found = analyse(gm, find_root_module(gm)).indicators
-            available = tuple(i for i in self.indicators if i in found)
-        except UnsupportedStructure:
-            pass  # compile_with_settings falls back and records the reason
-        policy = RecordingPolicy(RecordConfig(self.window, available))
-        self.policies.append(policy)
-        return compile_with_settings(gm, example_inputs, Settings(policy=policy, inner=self.inner))
+        used = [self._settings(())]  # what a graph the analysis rejects falls back with
+
+        def configure(structure) -> Settings:
+            used[0] = self._settings(tuple(i for i in self.indicators if i in structure.indicators))
+            return used[0]
+
+        program = compile_with_settings(gm, example_inputs, used[0], configure=configure)
+        self.policies.append(used[0].policy)
+        return program
 
 
 # --- compiling the user's model in place, and undoing it ------------------------------------------

@@ -1,7 +1,7 @@
 """Choosing a threshold by replaying a policy's own decision rule on recorded trajectories.
 
-No extra generation is needed: the policy object that will run (``TeaCachePolicy``, ``MagCachePolicy``)
-is asked to decide, step by step, on the recorded data. TeaCache's indicator is fed as a one-element
+No extra generation is needed: the policy object that will run (``TeaCachePolicy``, ``MagCachePolicy``,
+made by its ``Calibration.search``) is asked to decide, step by step, on the recorded data. TeaCache's indicator is fed as a one-element
 tensor whose relative change from step to step equals the recorded one, so ``decide`` computes exactly
 the change it would see at run time (for ``timestep_embedding``, which does not depend on content, the
 replayed schedule is the run-time schedule). A reused step ``t`` after the last computed step ``t0``

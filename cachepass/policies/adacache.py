@@ -28,13 +28,13 @@ shard: ``(world - 1) * s`` of the ``L - s`` pairs per channel are left out (none
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from .._logging import get_logger
+from ..analysis.features import BLOCK_FEATURE
 from ..errors import OptionError
 from .base import (
     MAX_CODEBOOK, MAX_STEPS, MAX_TOKENS, CallContext, Invalid, Policy, PolicyConfig, Requirements, check_bool,
@@ -69,7 +69,6 @@ CODEBOOK_STEPS = {"100": 100, "50": 50, "30-fast": 30}
 
 MOREG_SCALE, MOREG_POWER, MOGRAD_MUL = 0.385, 8, 10.0
 MOREG_WINDOW = (0.1, 0.9)
-_FEATURE = re.compile(r"(block_output|attention_output):(middle|-?[0-9]{1,5})")
 
 
 def auto_codebook(num_steps: int | None) -> dict:
@@ -90,7 +89,7 @@ class AdaCacheConfig(PolicyConfig):
     final_steps: int = 2
 
     def validate(self) -> None:
-        if not isinstance(self.feature, str) or not _FEATURE.fullmatch(self.feature):
+        if not isinstance(self.feature, str) or not BLOCK_FEATURE.fullmatch(self.feature):
             raise OptionError(
                 "option 'feature' must be 'block_output:K' or 'attention_output:K' (K an integer of at most 5 "
                 f"digits, negative from the end, or 'middle'); got {show(self.feature)}"
@@ -161,6 +160,18 @@ def motion_ratio(num: float, den: float, has_pairs: float) -> float | None:
 class AdaCachePolicy(Policy):
     name = "adacache"
     config_class = AdaCacheConfig
+    examples = {
+        "tiny": {},
+        "image": {"motion": False},  # no video latent to count tokens per frame on
+        # motion on, on the residual stream (token-local, so the churned half moves more): at step 1 the
+        # distance is ~15 on rank 0's shard alone, ~110 on rank 1's, ~45 on the whole sequence; the
+        # codebook's bounds put the two shards in different intervals
+        "sequence_parallel": {"feature": "block_output:middle", "tokens_per_frame": 4, "warmup": 2,
+                              "final_steps": 1, "codebook": {3.0: 3, 30.0: 2, 1e4: 1}},
+    }
+
+    def sequence_parallel_exact(self) -> bool:
+        return not self.config.motion  # the motion term leaves out the token pairs across shards
 
     def requirements(self) -> Requirements:
         observe = (self.config.feature,)
@@ -176,8 +187,8 @@ class AdaCachePolicy(Policy):
             return True
         return ctx.step >= state.next_step
 
-    def after_compute(self, state: AdaCacheState, ctx: CallContext, observed: list) -> None:
-        feature = observed[0].detach()
+    def after_compute(self, state: AdaCacheState, ctx: CallContext, observed: dict) -> None:
+        feature = observed[self.config.feature].detach()
         previous, last_step = state.previous, state.last_step
         state.previous, state.last_step = feature.clone(), ctx.step
         if previous is None or last_step is None or ctx.step <= last_step:
@@ -199,7 +210,7 @@ class AdaCachePolicy(Policy):
         log.debug("adacache: stream %d step %d: distance %.4g -> next compute at step %d",
                   ctx.stream, ctx.step, distance, state.next_step)
 
-    def _motion_tokens(self, ctx: CallContext, observed: list) -> int | None:
+    def _motion_tokens(self, ctx: CallContext, observed: dict) -> int | None:
         """Tokens per frame when this step's distance is motion-regularised, else ``None``."""
         if not self.config.motion or ctx.num_steps is None:
             return None
@@ -208,7 +219,7 @@ class AdaCachePolicy(Policy):
             return None
         if self.config.tokens_per_frame is not None:
             return self.config.tokens_per_frame
-        grid = observed[1]
+        grid = observed["frame_grid"]
         return int(grid.shape[-2] * grid.shape[-1])
 
     def _motion(self, state: AdaCacheState, score: float | None, gap: int) -> float:

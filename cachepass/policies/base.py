@@ -3,17 +3,25 @@
 A policy is split in two so that the compiler pass never needs to know the algorithm:
 
 * at compile time it states its :class:`Requirements`: which indicator tensor the head graph must
-  produce before the decision (none, the timestep embedding, the first block's modulated input or the
-  first block's output) and how a skipped call is rebuilt (a :class:`~cachepass.reconstruction.Reconstruction`);
+  produce before the decision (none, or one of :data:`INDICATORS` by name: the timestep embedding, the
+  first block's modulated input, the first block's output, the front blocks' residual), which body
+  tensors a computed call hands back (feature names, :mod:`cachepass.analysis.features`) and how a
+  skipped call is rebuilt (a :class:`~cachepass.reconstruction.Reconstruction`);
 * at run time, per call, :meth:`Policy.decide` sees a :class:`CallContext` (generation, step, stream,
   number of steps when known) and the indicator tensor, and returns ``True`` to compute the block stack
-  or ``False`` to reuse the cache. A policy keeps all its mutable data in the state object it created
-  with :meth:`Policy.new_state`; the runtime keeps one such state per stream and makes a new one at
-  every generation, so policies never reset themselves.
+  or ``False`` to reuse the cache; after a computed call :meth:`Policy.after_compute` gets the observed
+  tensors by name. A policy keeps all its mutable data in the state object it created with
+  :meth:`Policy.new_state`; the runtime keeps one such state per stream and makes a new one at every
+  generation, so policies never reset themselves.
+
+A policy class also declares its :attr:`Policy.examples` (the option sets the tests run it with) and, when
+``cachepass.calibrate`` can fit it, a :class:`Calibration` (:attr:`Policy.calibration`). Adding a policy
+is its module plus one line in ``cachepass.policies.POLICIES`` (docs/policies.md, "Adding a policy").
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import reprlib
@@ -24,26 +32,32 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from ..analysis import indicators as _indicators
+from ..analysis.features import check_feature_name, indicator_name
 from ..distributed import LOCAL, DecisionSync
 from ..errors import OptionError
 from ..reconstruction import Reconstruction, ResidualReuse
 
-#: Indicators the analysis can provide (see ``cachepass.analysis.indicators``).
+#: Indicators a policy may decide on, by name: the one list, :data:`cachepass.analysis.indicators.INDICATORS`.
 #: ``front_residual``: the residual of the ``compute_first`` front blocks (output minus input), made by
 #: the head graph (First-Block-Cache, DBCache).
-INDICATORS = ("timestep_embedding", "modulated_input", "first_block_output", "front_residual")
+INDICATORS = tuple(_indicators.INDICATORS)
 
 
 @dataclass(frozen=True)
 class Requirements:
     """What the compiled program must provide to a policy.
 
-    * ``indicator``: computed by the head graph before every decision (see ``INDICATORS``).
+    * ``indicator``: computed by the head graph before every decision: one of ``INDICATORS``, named as
+      such (``"timestep_embedding"``) or by its feature name (``"indicator:timestep_embedding"``); kept as
+      the bare name.
     * ``compute_first`` / ``compute_last``: blocks computed on every call before / after the cached
       span (First-Block-Cache: 1/0; DBCache: Fn/Bn). The residual cached is the span's.
-    * ``observe``: body tensors the compute variant also returns, handed to ``after_compute``
-      (names from ``cachepass.analysis.features``, e.g. ``attention_output:middle``).
+    * ``observe``: body tensors the compute variant also returns, handed to ``after_compute`` as a dict
+      by these names (feature names from ``cachepass.analysis.features``, e.g. ``attention_output:middle``).
     * ``reconstruction``: how a reuse call rebuilds the span's outputs.
+
+    A name that is not an indicator or a feature is a ``ValueError`` here, when the policy states it.
     """
 
     indicator: str | None = None
@@ -52,6 +66,14 @@ class Requirements:
     compute_last: int = 0
     observe: tuple[str, ...] = ()
     reuses: bool = True  # False (policy ``none``): no cache writes, no reuse variant compiled
+
+    def __post_init__(self) -> None:
+        if self.indicator is not None:
+            object.__setattr__(self, "indicator", indicator_name(self.indicator))
+        observe = tuple(check_feature_name(name) for name in self.observe)
+        if len(set(observe)) != len(observe):
+            raise ValueError(f"Requirements.observe names a feature twice: {observe}")
+        object.__setattr__(self, "observe", observe)
 
 
 @dataclass(frozen=True)
@@ -88,14 +110,52 @@ class PolicyConfig:
         """Raise :class:`OptionError` naming the option and what is allowed."""
 
 
+#: Names of the example option sets the tests read from :attr:`Policy.examples`:
+#: ``tiny`` (required): runs and reuses the cache on the tests' tiny models (a tiny diffusers Wan with 4
+#: blocks, 20 steps with CFG; a plain DiT of 4 blocks, 10 steps; ``num_steps`` known) and stays close to
+#: the uncached output; ``tiny:VARIANT``: more cases of the same kind (each one an end-to-end test);
+#: ``image``: options merged over those on a model without frames (a plain DiT: no video latent);
+#: ``sequence_parallel``: the sequence-parallel test model (``tests/sp_model.py``: 14 steps, 32 tokens,
+#: random weights), where it must reuse at least once (default: the ``tiny`` set).
+EXAMPLE_TINY, EXAMPLE_IMAGE, EXAMPLE_SEQUENCE_PARALLEL = "tiny", "image", "sequence_parallel"
+
+
 class Policy(ABC):
-    """A cache-reuse algorithm, independent of any model."""
+    """A cache-reuse algorithm, independent of any model.
+
+    Besides ``name`` and ``config_class`` a policy class declares:
+
+    * ``examples``: named option sets that exercise it (see ``EXAMPLE_TINY`` and the other names above);
+      the tests run every registered policy with them, so a new policy is tested by its registry line;
+    * ``calibration``: a :class:`Calibration` when ``cachepass.calibrate`` can fit the policy to a model
+      (its profiles then name the policy); ``None`` otherwise.
+    """
 
     name: ClassVar[str]
     config_class: ClassVar[type[PolicyConfig]]
+    examples: ClassVar[dict[str, dict[str, Any]]] = {}
+    calibration: ClassVar["Calibration | None"] = None
 
     def __init__(self, config: PolicyConfig) -> None:
         self.config = config
+
+    @classmethod
+    def example(cls, name: str = EXAMPLE_TINY) -> dict[str, Any]:
+        """The example option set ``name`` (a copy); ``sequence_parallel`` falls back to ``tiny``, ``image``
+        to no options. ``KeyError`` for a set the policy lacks."""
+        if name not in cls.examples:
+            if name == EXAMPLE_IMAGE:
+                return {}
+            if name == EXAMPLE_SEQUENCE_PARALLEL:
+                name = EXAMPLE_TINY
+        return copy.deepcopy(cls.examples[name])
+
+    @classmethod
+    def tiny_examples(cls) -> dict[str, dict[str, Any]]:
+        """``tiny`` and every ``tiny:VARIANT`` set, by case name (``tiny`` first)."""
+        names = sorted((n for n in cls.examples if n == EXAMPLE_TINY or n.startswith(EXAMPLE_TINY + ":")),
+                       key=lambda n: n != EXAMPLE_TINY)
+        return {n: cls.example(n) for n in names}
 
     @abstractmethod
     def requirements(self) -> Requirements:
@@ -109,12 +169,86 @@ class Policy(ABC):
     def decide(self, state: Any, ctx: CallContext, indicator: torch.Tensor | None) -> bool:
         """``True``: compute the blocks this call; ``False``: rebuild them from the cache."""
 
-    def after_compute(self, state: Any, ctx: CallContext, observed: list[torch.Tensor]) -> None:
-        """Called after each compute call with the tensors named in ``Requirements.observe``."""
+    def after_compute(self, state: Any, ctx: CallContext, observed: dict[str, torch.Tensor]) -> None:
+        """Called after each compute call with the tensors named in ``Requirements.observe``, by those names
+        (``observed["attention_output:middle"]``)."""
 
     def check_model(self, model: torch.nn.Module) -> None:
         """Called at compile time with the user's module when it is known (a calibrated policy warns when
         its profile was made for another model)."""
+
+    def sequence_parallel_exact(self) -> bool:
+        """Whether summing this policy's statistics over sequence-parallel ranks gives exactly the
+        decisions of one process on the whole sequence (sums of per-token terms do; a term pairing tokens
+        that may sit on two ranks does not: docs/distributed.md)."""
+        return True
+
+    def observed_by_name(self, values) -> dict[str, torch.Tensor]:
+        """The compute variant's observed outputs (in ``Requirements.observe`` order) keyed by their names:
+        what :meth:`after_compute` receives."""
+        names = self.__dict__.get("_observe_names")
+        if names is None:
+            names = self.__dict__["_observe_names"] = self.requirements().observe
+        values = tuple(values)
+        if len(values) != len(names):
+            raise RuntimeError(f"policy {self.name!r}: the compute variant returned {len(values)} observed "
+                               f"tensors for the {len(names)} named in Requirements.observe {names}")
+        return dict(zip(names, values))
+
+
+# --- calibration: how a policy is fitted to a model and read back from a profile ----------------
+
+@dataclass
+class CalibrationFit:
+    """What :meth:`Calibration.fit` returns: the policy replayed per threshold on the recording (a
+    :class:`~cachepass.calibration.ThresholdSearch`), the options the profile stores besides the
+    threshold, and the fit's quality for the profile's report (``report["fit"]``)."""
+
+    search: Any
+    fixed: dict[str, Any]
+    report: dict[str, Any]
+
+
+class Calibration:
+    """A policy's calibration, declared on the policy class: ``calibration = MyCalibration()``.
+
+    ``cachepass.calibrate`` is generic over the policies that declare one: it records full generations,
+    asks :meth:`fit` for the fitted options and a threshold search, picks the ``threshold`` for the user's
+    compute or error target, and writes a :class:`~cachepass.calibration.Profile` naming the policy. Reading
+    a profile back checks ``threshold`` and asks :meth:`profile_options` for the rest, field by field; the
+    policy's config fills its options from the profile (``cachepass.calibration.profile.fill_options``).
+    The policy's config must take ``threshold`` (the value searched), every key of ``fixed`` and a
+    ``profile`` option (the check generation runs the policy with the new profile).
+    """
+
+    #: Keyword options ``cachepass.calibrate(..., **options)`` accepts for this policy.
+    options: ClassVar[tuple[str, ...]] = ()
+    #: The policy class this calibration belongs to (set when the class body assigns it).
+    policy: type["Policy"]
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.policy = owner
+
+    def fit(self, recording, *, indicator: str, degree: int, options: dict[str, Any],
+            budget: int | None) -> CalibrationFit:
+        """Fit the policy to ``recording``. ``indicator`` and ``degree`` are ``calibrate``'s (a policy that
+        decides on no indicator ignores them), ``options`` the policy's own from :attr:`options`,
+        ``budget`` the computed steps per stream the target allows (``None`` for an error target)."""
+        raise NotImplementedError
+
+    def search(self, recording, fixed: dict[str, Any], indicator: str | None):
+        """A :class:`~cachepass.calibration.ThresholdSearch` replaying the policy with ``fixed`` and each
+        threshold on ``recording`` (``indicator``: the recorded indicator fed to ``decide``, or ``None``)."""
+        from ..calibration.threshold import ThresholdSearch
+
+        cls = self.policy
+        return ThresholdSearch(lambda threshold: cls(cls.config_class(threshold=threshold, **fixed)), recording,
+                               indicator)
+
+    def profile_options(self, fields) -> dict[str, Any]:
+        """The options of a profile besides ``threshold``, each checked through ``fields`` (a
+        :class:`~cachepass.calibration.profile.ProfileFields`, whose errors name the file and the field)."""
+        return {}
 
 
 # --- option checking: the one set of checks every option and profile field goes through --------

@@ -29,6 +29,12 @@ class CustomCacheConfig(TeaCacheConfig):
 class CustomCachePolicy(TeaCachePolicy):
     name = "customcache"
     config_class = CustomCacheConfig
+    calibration = None  # reads teacache profiles (option ``profile``); not calibrated itself
+    examples = {
+        "tiny": {"coefficients": "identity", "threshold": 0.3},
+        # on the timestep embedding, whole on every sequence-parallel rank
+        "sequence_parallel": {"coefficients": "identity", "threshold": 1.0},
+    }
 
     def requirements(self) -> Requirements:
         return Requirements(indicator=self.config.indicator, reconstruction=TaylorReuse(order=self.config.order))

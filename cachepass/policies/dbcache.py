@@ -38,6 +38,10 @@ class DBCacheConfig(FBCacheConfig):
 class DBCachePolicy(FBCachePolicy):
     name = "dbcache"
     config_class = DBCacheConfig
+    examples = {
+        "tiny": {"Fn": 1, "Bn": 1, "warmup": 2, "threshold": 0.05, "taylor": 1},
+        "sequence_parallel": {"Fn": 1, "Bn": 1, "warmup": 2, "threshold": 0.45},
+    }
 
     def reconstruction(self) -> Reconstruction:
         return ResidualReuse() if self.config.taylor is None else TaylorReuse(order=self.config.taylor)

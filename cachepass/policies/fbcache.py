@@ -53,6 +53,12 @@ def decide_against_reference(state: ReferenceState, ctx: CallContext, indicator,
 class FBCachePolicy(Policy):
     name = "fbcache"
     config_class = FBCacheConfig
+    examples = {
+        "tiny": {},
+        # on the front residual, which moves a lot in the random sequence-parallel model; chosen so that two
+        # latents give different schedules and unsynchronised shards part (tests/test_distributed.py)
+        "sequence_parallel": {"threshold": 0.44},
+    }
 
     def reconstruction(self) -> Reconstruction:
         return ResidualReuse()

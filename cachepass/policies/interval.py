@@ -26,6 +26,7 @@ class IntervalConfig(PolicyConfig):
 class IntervalPolicy(Policy):
     name = "interval"
     config_class = IntervalConfig
+    examples = {"tiny": {"interval": 3}}
 
     def requirements(self) -> Requirements:
         return Requirements(indicator=None)

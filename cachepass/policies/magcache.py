@@ -19,6 +19,7 @@ the same ratios without exchanging anything.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -27,8 +28,8 @@ import numpy as np
 from .._logging import get_logger, warn_once
 from ..errors import OptionError
 from .base import (
-    MAX_STEPS, MAX_STREAMS, CallContext, Invalid, Policy, PolicyConfig, Requirements, check_float, check_int,
-    is_sequence, number_list, show,
+    MAX_STEPS, MAX_STREAMS, CallContext, Calibration, CalibrationFit, Invalid, Policy, PolicyConfig, Requirements,
+    check_float, check_int, is_sequence, number_list, show,
 )
 
 log = get_logger(__name__)
@@ -123,9 +124,62 @@ class MagCacheState:
         self.ratio, self.steps, self.error = 1.0, 0, 0.0
 
 
+class MagCacheCalibration(Calibration):
+    """``cachepass.calibrate(policy="magcache", max_skip_steps=..., retention_ratio=...)``: the magnitude
+    ratios per stream, averaged over the recorded generations; ``max_skip_steps`` left unset is raised
+    from 4 until the compute target is reachable. A profile stores ``mag_ratios`` (one list per stream,
+    ``num_steps`` long) and optionally ``max_skip_steps`` and ``retention_ratio`` besides the threshold."""
+
+    options = ("max_skip_steps", "retention_ratio")
+
+    def fit(self, recording, *, indicator, degree, options, budget) -> CalibrationFit:
+        from ..calibration.fit import magnitude_ratios
+
+        ratios = magnitude_ratios(recording)
+        # how far single generations stray from the mean ratios (MagCache's premise: prompt-independent ratios)
+        spread = [max(abs(a - b) for a, b in zip(t.magnitude_ratio, ratios[t.stream])) for t in recording.trajectories]
+        report = {"max_ratio_deviation": round(max(spread), 6)}
+
+        def attempt(options):
+            fixed = {key: options.get(key, UNSET_DEFAULTS[key]) for key in self.options}
+            fixed["mag_ratios"] = ratios
+            return self.search(recording, fixed, None), fixed
+
+        search, fixed = attempt(options)
+        if budget is not None and "max_skip_steps" not in options:
+            while search.count(math.inf) > budget and fixed["max_skip_steps"] < recording.num_steps:
+                options = {**options, "max_skip_steps": fixed["max_skip_steps"] + 1}  # K caps the skipping
+                search, fixed = attempt(options)
+        return CalibrationFit(search, fixed, report)
+
+    def profile_options(self, fields) -> dict:
+        out = {}
+        if fields.has("max_skip_steps"):  # optional: the replay's values, used unless the user sets them
+            out["max_skip_steps"] = fields.integer("max_skip_steps", minimum=0, maximum=MAX_STEPS)
+        if fields.has("retention_ratio"):
+            out["retention_ratio"] = fields.number("retention_ratio", minimum=0.0, maximum=1.0)
+        ratios = fields.need("mag_ratios")
+        if isinstance(ratios, np.ndarray) and ratios.ndim == 2:
+            ratios = ratios.tolist()
+        if not isinstance(ratios, (list, tuple)) or not 1 <= len(ratios) <= MAX_STREAMS:
+            raise fields.fail(f"field 'options.mag_ratios' must be a list of 1 to {MAX_STREAMS} per-stream lists, "
+                              f"got {show(ratios)}")
+        out["mag_ratios"] = [fields.numbers(f"mag_ratios[{i}]", value=r, positive=True) for i, r in enumerate(ratios)]
+        bad = [len(r) for r in out["mag_ratios"] if len(r) != fields.num_steps]
+        if bad:
+            raise fields.fail(f"field 'options.mag_ratios' has {bad[0]} ratios per stream for "
+                              f"num_steps={fields.num_steps}")
+        return out
+
+
 class MagCachePolicy(Policy):
     name = "magcache"
     config_class = MagCacheConfig
+    calibration = MagCacheCalibration()
+    examples = {
+        "tiny": {"mag_ratios": [1.0] + [0.97] * 19},  # 20 steps; no default ratios
+        "sequence_parallel": {"mag_ratios": [1.0] + [0.97] * 13, "max_skip_steps": 3, "retention_ratio": 0.1},
+    }
 
     def __init__(self, config: MagCacheConfig) -> None:
         super().__init__(config.resolved())

@@ -15,6 +15,7 @@ class NoneConfig(PolicyConfig):
 class NonePolicy(Policy):
     name = "none"
     config_class = NoneConfig
+    examples = {"tiny": {}}  # never reuses: the tests check it computes every call
 
     def requirements(self) -> Requirements:
         return Requirements(indicator=None, reuses=False)

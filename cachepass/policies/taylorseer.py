@@ -49,6 +49,11 @@ def fixed_schedule(ctx: CallContext, interval: int, warmup: int, final_steps: in
 class TaylorSeerPolicy(Policy):
     name = "taylorseer"
     config_class = TaylorSeerConfig
+    examples = {
+        "tiny": {"order": 2},
+        "tiny:block": {"order": 2, "granularity": "block"},
+        "sequence_parallel": {"interval": 3},
+    }
 
     def requirements(self) -> Requirements:
         return Requirements(indicator=None, reconstruction=TaylorReuse(

@@ -19,8 +19,8 @@ import numpy as np
 from .._logging import get_logger, warn_once
 from ..errors import OptionError
 from .base import (
-    MAX_COEFFICIENTS, CallContext, Invalid, Policy, PolicyConfig, Requirements, check_bool, check_choice, check_float,
-    is_forced_step, number_list, show,
+    MAX_COEFFICIENTS, CallContext, Calibration, CalibrationFit, Invalid, Policy, PolicyConfig, Requirements, check_bool,
+    check_choice, check_float, is_forced_step, number_list, show,
 )
 from .distance import relative_l1
 
@@ -121,9 +121,36 @@ class TeaCacheState:
     distances: list[float] = field(default_factory=list)  # rescaled change per call, for inspection
 
 
+class TeaCacheCalibration(Calibration):
+    """``cachepass.calibrate(policy="teacache")``: the rescale polynomial fitted on the chosen indicator
+    (``r2_by_indicator`` reports every recorded one), ``ret_steps=False``; a profile stores ``indicator``,
+    ``coefficients`` and ``ret_steps`` besides the threshold (docs/calibration.md)."""
+
+    def fit(self, recording, *, indicator, degree, options, budget) -> CalibrationFit:
+        from ..calibration.fit import fit_teacache
+
+        fit = fit_teacache(recording, indicator, degree)
+        others = {i: round(fit_teacache(recording, i, degree).r2, 6) for i in recording.indicators}
+        fixed = {"indicator": indicator, "coefficients": list(fit.coefficients), "ret_steps": False}
+        return CalibrationFit(self.search(recording, fixed, indicator), fixed,
+                              {**fit.to_dict(), "r2_by_indicator": others})
+
+    def profile_options(self, fields) -> dict:
+        return {"indicator": fields.choice("indicator", INDICATOR_CHOICES),
+                "coefficients": fields.numbers("coefficients", max_length=MAX_COEFFICIENTS),
+                "ret_steps": fields.boolean("ret_steps")}
+
+
 class TeaCachePolicy(Policy):
     name = "teacache"
     config_class = TeaCacheConfig
+    calibration = TeaCacheCalibration()
+    examples = {
+        "tiny": {},  # the defaults: Wan2.1 T2V 1.3B coefficients, threshold 0.2
+        "tiny:modulated": {"indicator": "modulated_input", "coefficients": "identity", "threshold": 0.3},
+        # on the modulated input, which each sequence-parallel rank sees only its shard of
+        "sequence_parallel": {"indicator": "modulated_input", "coefficients": "identity", "threshold": 0.1},
+    }
 
     def __init__(self, config: TeaCacheConfig) -> None:
         config = config.resolved()

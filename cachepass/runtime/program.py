@@ -150,7 +150,7 @@ class CachedProgram:
             n, r = self.num_outputs, self.num_cache_writes
             branch.cache.write(out[n:n + r], placement.step)
             if len(out) > n + r:
-                self.policy.after_compute(branch.policy_state, ctx, list(out[n + r:]))
+                self.policy.after_compute(branch.policy_state, ctx, self.policy.observed_by_name(out[n + r:]))
             branch.computed.append(placement.step)
             return tuple(out[:n])
         branch.reused.append(placement.step)

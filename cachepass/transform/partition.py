@@ -18,6 +18,11 @@ dtype, an ancestor); ``block``: the outputs of the predictable parts of blocks `
 
 Invariants: ``head`` is closed under ancestors, so the head graph runs alone; the ``after`` nodes read
 only boundary-``b`` values, head values and graph inputs, so a reuse call can run them.
+
+The runner (:mod:`cachepass.stages`) calls this module as four stages: ``partition`` (:func:`cut`: the
+spans, the indicator, the residual pairs), ``block_parts`` (:func:`add_block_parts`), ``features``
+(:func:`observed_tensors`) and ``exports`` (:func:`add_exports`); :func:`partition` runs the four in one
+call, in that order (which is also the order their errors take precedence in).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-from ..analysis.block_parts import find_block_parts
+from ..analysis.block_parts import BlockPart, find_block_parts
 from ..analysis.dataflow import ancestors_within
 from ..analysis.features import resolve_feature
 from ..analysis.structure import DenoiserStructure
@@ -48,6 +53,7 @@ class Partition:
     exported: list[fx.Node]  # head values the variants read, in graph order
     features: list[fx.Node] = dataclasses.field(default_factory=list)  # block: part outputs cached
     predicted: set[fx.Node] = dataclasses.field(default_factory=set)  # block: nodes a reuse call drops
+    span: tuple[int, int] = (0, 0)  # block boundaries (a, b): blocks [0, a) head, [a, b) cached, [b, N) after
 
     @property
     def rest(self) -> set[fx.Node]:
@@ -70,7 +76,10 @@ def _pair(structure: DenoiserStructure, starts: list[fx.Node], ends: list[fx.Nod
     return pairs
 
 
-def partition(structure: DenoiserStructure, requirements: Requirements) -> Partition:
+def cut(structure: DenoiserStructure, requirements: Requirements) -> Partition:
+    """Stage ``partition``: the three spans, the indicator and, at granularity ``stack``, the residual
+    pairs; the block parts (granularity ``block``), the observed tensors and the exported values are
+    added by :func:`add_block_parts`, :func:`observed_tensors` and :func:`add_exports`."""
     n = len(structure.blocks)
     a, b = requirements.compute_first, n - requirements.compute_last
     if not 0 <= a < b <= n:
@@ -101,27 +110,52 @@ def partition(structure: DenoiserStructure, requirements: Requirements) -> Parti
 
     cached = {x for x in structure.body if pos_a <= order[x] < pos_b} - head
     after = ({x for x in structure.body if order[x] >= pos_b} | set(structure.tail)) - head
-    pairs, features, predicted = [], [], set()
-    if requirements.reconstruction.granularity == "block":
-        parts = find_block_parts(structure, a, b, cached)
-        features = [n for p in parts for n in p.outputs]
-        predicted = set().union(*(p.nodes for p in parts))
-        if not features:
-            raise UnsupportedStructure(
-                "granularity 'block' found no attention or feed-forward sub-module to predict in the "
-                "cached blocks (no child module doing matrix work on the residual stream); use "
-                "granularity='stack'"
-            )
-    else:
+    pairs = []
+    if requirements.reconstruction.granularity != "block":
         pairs = _pair(structure, structure.boundary_values(a), structure.boundary_values(b))
-    observed = [resolve_feature(structure, name) for name in requirements.observe]
+    return Partition(head=head, cached=cached, after=after, indicator=indicator,
+                     indicator_base=indicator_base, pairs=pairs, observed=[], exported=[], span=(a, b))
 
-    needed_by_variants = {s for s, _ in pairs} | set(observed)
-    exported = sorted(
+
+def add_block_parts(structure: DenoiserStructure, part: Partition, requirements: Requirements) -> list[BlockPart]:
+    """Stage ``block_parts`` (granularity ``block`` only): the predictable parts of the cached blocks;
+    their outputs become the cache writes (``part.features``), their nodes what a reuse drops."""
+    if requirements.reconstruction.granularity != "block":
+        return []
+    a, b = part.span
+    parts = find_block_parts(structure, a, b, part.cached)
+    part.features = [n for p in parts for n in p.outputs]
+    part.predicted = set().union(*(p.nodes for p in parts))
+    if not part.features:
+        raise UnsupportedStructure(
+            "granularity 'block' found no attention or feed-forward sub-module to predict in the "
+            "cached blocks (no child module doing matrix work on the residual stream); use "
+            "granularity='stack'"
+        )
+    return parts
+
+
+def observed_tensors(structure: DenoiserStructure, requirements: Requirements) -> list[fx.Node]:
+    """Stage ``features``: the nodes of the tensors named in ``Requirements.observe``."""
+    return [resolve_feature(structure, name) for name in requirements.observe]
+
+
+def add_exports(structure: DenoiserStructure, part: Partition) -> None:
+    """Stage ``exports``: the head values the variants read (graph order): every head value with a
+    user outside the head, and the pair starts and observed tensors the head computes."""
+    head = part.head
+    needed_by_variants = {s for s, _ in part.pairs} | set(part.observed)
+    part.exported = sorted(
         {x for x in head if any(u not in head for u in x.users)}
         | {x for x in needed_by_variants if x in head},
-        key=order.__getitem__,
+        key=structure.order.__getitem__,
     )
-    return Partition(head=head, cached=cached, after=after, indicator=indicator,
-                     indicator_base=indicator_base, pairs=pairs,
-                     observed=observed, exported=exported, features=features, predicted=predicted)
+
+
+def partition(structure: DenoiserStructure, requirements: Requirements) -> Partition:
+    """The stages ``partition``, ``block_parts``, ``features`` and ``exports`` in one call."""
+    part = cut(structure, requirements)
+    add_block_parts(structure, part, requirements)
+    part.observed = observed_tensors(structure, requirements)
+    add_exports(structure, part)
+    return part

@@ -15,7 +15,11 @@ values; the reuse variant then takes the cache-read placeholders its reconstruct
 
 Invariant: both variants return the original outputs in the original order; the compute variant's
 extra outputs are exactly one cache write per cached pair (or feature), in that order, then the
-observed tensors.
+observed tensors. Checked here, once per graph (:mod:`cachepass.transform.invariants`): the partition
+before the graphs are written, their input and output counts after, the reconstruction's predictions
+(one per cached tensor) and its cache layout (:func:`~cachepass.reconstruction.check_cache_layout`).
+A value a variant would read without having it raises :class:`UnsupportedStructure` naming the node
+and its reader, not a ``KeyError``.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ import torch.fx as fx
 from ..analysis.structure import DenoiserStructure
 from ..errors import UnsupportedStructure
 from ..policies.base import Requirements
+from ..reconstruction import check_cache_layout
+from .invariants import check_partition, check_variants
 from .partition import Partition
 
 
@@ -60,9 +66,23 @@ def _start(gm: fx.GraphModule, exported: list[fx.Node]) -> tuple[fx.Graph, dict]
     return graph, env
 
 
-def _copy(graph: fx.Graph, env: dict, nodes) -> None:
+def _get(env: dict, value: fx.Node, reader: str, variant: str) -> fx.Node:
+    """``env[value]``, or :class:`UnsupportedStructure` naming what is missing in which variant."""
+    try:
+        return env[value]
+    except KeyError:
+        raise UnsupportedStructure(
+            f"{variant} variant: {reader} reads {value.name!r}, which that variant neither computes nor "
+            "receives (a partition invariant is broken)") from None
+
+
+def _copy(graph: fx.Graph, env: dict, nodes, variant: str) -> None:
     for node in nodes:
-        env[node] = graph.node_copy(node, lambda n: env[n])
+        env[node] = graph.node_copy(node, lambda n: _get(env, n, repr(node.name), variant))
+
+
+def _map_outputs(original: tuple, env: dict, variant: str) -> tuple:
+    return tuple(fx.map_arg(original, lambda n: _get(env, n, "the graph output", variant)))
 
 
 def _copy_reachable(graph: fx.Graph, env: dict, nodes) -> None:
@@ -111,37 +131,59 @@ def placeholder_adder(graph: fx.Graph):
     return add
 
 
+def _predict(requirements: Requirements, graph: fx.Graph, cached: list[fx.Node], add_placeholder) -> list:
+    """The reconstruction's prediction nodes, one per cached tensor (``cached``: the nodes whose
+    example values it predicts, in cache-write order), checked."""
+    reconstruction = requirements.reconstruction
+    predictions = list(reconstruction.predict(graph, [n.meta.get("example_value") for n in cached],
+                                              add_placeholder))
+    name = getattr(reconstruction, "name", type(reconstruction).__name__)
+    if len(predictions) != len(cached):
+        raise UnsupportedStructure(
+            f"reconstruction {name!r}: predict returned {len(predictions)} prediction(s) for the "
+            f"{len(cached)} cached tensor(s) {', '.join(repr(n.name) for n in cached) or 'none'}")
+    for node, prediction in zip(cached, predictions):
+        if not isinstance(prediction, fx.Node) or prediction.graph is not graph:
+            raise UnsupportedStructure(
+                f"reconstruction {name!r}: its prediction of {node.name!r} is not a node of the reuse graph "
+                f"({prediction!r})")
+    return predictions
+
+
 def build_variants(
     gm: fx.GraphModule, structure: DenoiserStructure, part: Partition, requirements: Requirements
 ) -> GraphVariants:
+    check_partition(structure, part)
     nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
     original = _original_outputs(gm)
 
     # head
     graph = fx.Graph()
     env = {ph: graph.node_copy(ph) for ph in _placeholders(gm)}
-    _copy(graph, env, [n for n in nodes if n in part.head])
+    _copy(graph, env, [n for n in nodes if n in part.head], "head")
     indicator = []
     if part.indicator is not None:
-        indicator = [env[part.indicator]]
+        indicator = [_get(env, part.indicator, "the indicator", "head")]
         if part.indicator_base is not None:
-            indicator = [graph.call_function(torch.sub, (env[part.indicator], env[part.indicator_base]))]
+            base = _get(env, part.indicator_base, "the indicator base", "head")
+            indicator = [graph.call_function(torch.sub, (indicator[0], base))]
             indicator[0].meta["example_value"] = part.indicator.meta.get("example_value")
-    head_out = indicator + [env[n] for n in part.exported]
+    head_out = indicator + [_get(env, n, "the head's exports", "head") for n in part.exported]
     head = _finish(gm, graph, tuple(head_out))
 
     # compute: the rest of the body and the tail, plus one residual per stream tensor (cache writes)
     graph, env = _start(gm, part.exported)
-    _copy(graph, env, [n for n in nodes if n in part.rest])
+    _copy(graph, env, [n for n in nodes if n in part.rest], "compute")
     writes = []
     if requirements.reuses:
-        writes = [env[n] for n in part.features]
+        writes = [_get(env, n, "a cache write", "compute") for n in part.features]
         for start, end in part.pairs:
-            r = graph.call_function(torch.sub, (env[end], env[start]))
+            residual = (_get(env, end, "a cache write", "compute"), _get(env, start, "a cache write", "compute"))
+            r = graph.call_function(torch.sub, residual)
             r.meta["example_value"] = end.meta.get("example_value")
             writes.append(r)
-    outputs = tuple(fx.map_arg(original, lambda n: env[n]))
-    observed = tuple(env[n] for n in part.observed)
+    outputs = _map_outputs(original, env, "compute")
+    observed = tuple(_get(env, n, "an observed tensor", "compute") for n in part.observed)
     compute = _finish(gm, graph, outputs + tuple(writes) + observed)
 
     # reuse: cache reads and predictions instead of the cached work, then the tail
@@ -149,24 +191,26 @@ def build_variants(
     first_cache_slot = len(graph.nodes)
     add_placeholder = placeholder_adder(graph)
     if part.features:
-        predictions = requirements.reconstruction.predict(
-            graph, [n.meta.get("example_value") for n in part.features], add_placeholder)
+        predictions = _predict(requirements, graph, part.features, add_placeholder)
         env.update(zip(part.features, predictions))
         _copy_reachable(graph, env, [n for n in nodes if n in part.rest and n not in part.predicted])
     else:
-        predictions = requirements.reconstruction.predict(
-            graph, [start.meta.get("example_value") for start, _ in part.pairs], add_placeholder)
+        predictions = _predict(requirements, graph, [start for start, _ in part.pairs], add_placeholder)
         for (start, end), prediction in zip(part.pairs, predictions):
-            env[end] = graph.call_function(operator.add, (env[start], prediction))
+            env[end] = graph.call_function(operator.add, (_get(env, start, "a prediction", "reuse"), prediction))
             env[end].meta["example_value"] = start.meta.get("example_value")
-        _copy(graph, env, [n for n in nodes if n in part.after])
-    num_cache = len([n for n in graph.nodes if n.op == "placeholder"]) - first_cache_slot
-    graph.output(tuple(fx.map_arg(original, lambda n: env[n])))
+        _copy(graph, env, [n for n in nodes if n in part.after], "reuse")
+    cache_placeholders = [n for n in graph.nodes if n.op == "placeholder"][first_cache_slot:]
+    if requirements.reuses:
+        check_cache_layout(requirements.reconstruction, writes, cache_placeholders)
+    graph.output(_map_outputs(original, env, "reuse"))
     graph.eliminate_dead_code()  # block: the norms and projections only the predicted parts read
     reuse = _finish(gm, graph, None)
 
-    return GraphVariants(
+    variants = GraphVariants(
         head=head, compute=compute, reuse=reuse, has_indicator=part.indicator is not None,
-        num_exported=len(part.exported), num_outputs=len(original), num_cache_inputs=num_cache,
+        num_exported=len(part.exported), num_outputs=len(original), num_cache_inputs=len(cache_placeholders),
         num_cache_writes=len(writes),
     )
+    check_variants(gm, part, requirements, variants)
+    return variants
