@@ -82,7 +82,7 @@ def run_row(spec, workload, base, args, refs: dict, baseline: dict) -> dict:
         except Exception as e:  # noqa: BLE001 - report, don't mask the row's own outcome
             row["notes"].append(f"remove failed: {type(e).__name__}: {e}")
         row["notes"] += applied.notes
-        del applied, pipe, model
+        applied = pipe = model = None  # free the row's models before the next row
         gc.collect()
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()

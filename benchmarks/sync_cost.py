@@ -36,7 +36,8 @@ def _rank(rank: int, world: int, init_file: str, iters: int, repeats: int) -> No
 
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     import sp_model
-    from cachepass.distributed import DecisionSync
+
+    from cachepass.runtime.distributed import DecisionSync
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,

@@ -17,14 +17,15 @@ import torch
 import torch.fx as fx
 
 from . import graph_dump
+from ._dynamo import tracing_scopes
 from ._logging import get_logger, warn_once
 from .analysis.structure import DenoiserStructure
 from .analysis.training import has_active_dropout
 from .analysis.values import is_user_input, source_name
-from .distributed import DecisionSync
 from .errors import NoBlockStack, OptionError, SplitStack, UnsupportedStructure
 from .options import Settings, parse_options
 from .runtime import signals
+from .runtime.distributed import DecisionSync
 from .runtime.identity import InstanceIdentity, find_outer_module
 from .runtime.program import CachedProgram, UncachedProgram
 from .runtime.state import runtime_for
@@ -43,13 +44,8 @@ def find_root_module(gm: fx.GraphModule) -> torch.nn.Module | None:
     Parameter placeholders name the variable that held the module (``L['self']``, ``L['fn']``,
     ``G['model']``); that variable is looked up in the frame Dynamo is translating.
     """
-    try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
-
-        tx = InstructionTranslator.current_tx()
-    except Exception:
-        return None
-    if tx is None:
+    scopes = tracing_scopes()
+    if scopes is None:
         return None
     for node in gm.graph.nodes:
         if node.op != "placeholder":
@@ -57,7 +53,7 @@ def find_root_module(gm: fx.GraphModule) -> torch.nn.Module | None:
         m = _ROOT.match(source_name(node))
         if not m:
             continue
-        scope = tx.f_locals if m.group(1) == "L" else tx.f_globals
+        scope = scopes[0] if m.group(1) == "L" else scopes[1]
         value = scope.get(m.group(2))
         if isinstance(value, torch.nn.Module):
             return value

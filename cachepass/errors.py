@@ -8,7 +8,7 @@ option raises the same ``ValueError`` as ``cachepass.backend(...)`` does, at the
 
 from __future__ import annotations
 
-from torch._dynamo.exc import ShortenTraceback
+from ._dynamo import ShortenTraceback
 
 
 class OptionError(ValueError, ShortenTraceback):

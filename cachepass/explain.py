@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import torch
 
 from . import graph_dump
+from ._dynamo import unwrap
 from .analysis.block_parts import find_block_parts
 from .analysis.values import example_value, input_name, is_user_input
 from .backend import find_root_module
@@ -145,7 +146,7 @@ def explain(model, *args: Any, policy: str = "none", options: Mapping[str, Any] 
             raise OptionError(f"option {name!r} does not go in explain's options: "
                               + ("pass policy=... itself" if name == "policy" else "explain compiles nothing"))
     settings = parse_options({**given, "policy": policy, "inner": "eager"})
-    module = getattr(model, "_orig_mod", model)
+    module = unwrap(model)
     graphs: list[GraphReport] = []
 
     def recorder(gm, example_inputs):

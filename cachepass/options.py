@@ -13,10 +13,10 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from .distributed import validate_sync_options
 from .errors import OptionError
 from .policies import POLICIES, Policy
 from .policies.base import MAX_STEPS, Invalid, integer, native, show
+from .runtime.distributed import validate_sync_options
 
 DEFAULT_POLICY = "teacache"
 INNER_CHOICES = ("inductor", "eager")
@@ -50,7 +50,7 @@ def _validate_inner(inner: Any) -> str | Callable:
             return inner
         if inner == "cachepass":
             raise OptionError("option 'inner' cannot be 'cachepass' itself")
-        from torch._dynamo.backends.registry import list_backends, lookup_backend
+        from ._dynamo import list_backends, lookup_backend
 
         try:
             lookup_backend(inner)

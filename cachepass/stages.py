@@ -45,8 +45,18 @@ from .analysis.block_parts import BlockPart
 from .analysis.blocks import BlockStack, find_block_stack
 from .analysis.dataflow import to_networkx
 from .analysis.indicators import find_indicators
-from .analysis.residual_stream import StreamTensor, body_inputs, body_outputs, find_residual_stream
-from .analysis.structure import DenoiserStructure, _check_whole, check_body, split_regions
+from .analysis.residual_stream import (
+    StreamTensor,
+    body_inputs,
+    body_outputs,
+    find_residual_stream,
+)
+from .analysis.structure import (
+    DenoiserStructure,
+    _check_whole,
+    check_body,
+    split_regions,
+)
 from .analysis.timestep import find_timestep_embedding, find_timestep_input
 from .errors import UnsupportedStructure
 from .policies.base import Requirements

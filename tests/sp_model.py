@@ -17,9 +17,8 @@ import logging
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from tiny_models import PlainDiT
+from torch import nn
 
 
 class GatheredAttention(nn.Module):
@@ -150,8 +149,9 @@ def run_policy(policy: str, options: dict, group=None, seed: int = 0, churn: flo
     """Sample with ``policy``, sequence-parallel over ``group`` (this rank's shard; the whole sequence in
     one process when ``group`` is None). Returns the final latent, the decision of every step (``True``:
     blocks computed), the steps ``cachepass.stats`` counts as computed and the fallback reason if any."""
-    import cachepass
     import torch.distributed as dist
+
+    import cachepass
 
     rank, world = (0, 1) if group is None else (dist.get_rank(group), dist.get_world_size(group))
     torch._dynamo.reset()  # a fresh compile per policy (one module, many backends)
@@ -170,7 +170,7 @@ def run_policy(policy: str, options: dict, group=None, seed: int = 0, churn: flo
 
     x = initial_latent(seed)
     with torch.no_grad(), DecisionLog(log_path) as decisions:
-        for x in denoise(call, x, churn=churn):
+        for x in denoise(call, x, churn=churn):  # noqa: B007, B020 - runs the loop, keeps the last latent
             pass
     stats = cachepass.stats(model)
     return {"decisions": decisions.decisions, "x": x, "fallback": stats.fallback_reason,
@@ -182,9 +182,9 @@ def shard_statistics(group) -> dict:
     the relative L1 and adacache's motion sums, for the test to compare with the whole tensors."""
     import torch.distributed as dist
 
-    from cachepass.distributed import DecisionSync
     from cachepass.policies.adacache import motion_sums
     from cachepass.policies.distance import relative_l1
+    from cachepass.runtime.distributed import DecisionSync
 
     now, before = statistic_tensors()
     rank, world = dist.get_rank(group), dist.get_world_size(group)

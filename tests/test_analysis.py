@@ -1,12 +1,12 @@
 """The analysis passes on real diffusers classes and on a DiT written here."""
 
 import torch
+from tiny_models import NoStack, PlainDiT, flux_inputs, timestep_embedding, tiny_flux, tiny_wan, wan_inputs
 
 from cachepass.analysis.dataflow import is_convex
 from cachepass.analysis.structure import analyse
 from cachepass.analysis.values import input_name
 from cachepass.errors import UnsupportedStructure
-from tiny_models import NoStack, PlainDiT, flux_inputs, timestep_embedding, tiny_flux, tiny_wan, wan_inputs
 
 
 def analysed(model, *args, **kwargs):

@@ -6,10 +6,10 @@ import sys
 
 import pytest
 import torch
-
-import cachepass
 from conftest import count_attention_calls, relative_l1
 from tiny_models import NoStack, PlainDiT, flux_inputs, tiny_flux, tiny_wan, wan_inputs
+
+import cachepass
 
 SCHEDULE = [999, 875, 750, 625, 500, 375, 250, 125]
 
@@ -57,7 +57,7 @@ def test_interval_skips_blocks_and_stays_close():
     for t in SCHEDULE:
         with torch.no_grad():
             attention_per_call.append(
-                count_attention_calls(lambda: fast(timestep=torch.tensor([t]), **inputs)))
+                count_attention_calls(lambda t=t: fast(timestep=torch.tensor([t]), **inputs)))
     # 3 blocks x (self + cross attention) when computed, none when reused
     assert attention_per_call == [6, 0, 0, 6, 0, 0, 6, 0]
     stats = cachepass.stats(fast)

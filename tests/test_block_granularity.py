@@ -7,6 +7,8 @@ import logging
 
 import pytest
 import torch
+from conftest import count_attention_calls
+from tiny_models import PlainDiT, flux_inputs, tiny_flux, tiny_wan, wan_inputs
 from torch import nn
 
 import cachepass
@@ -16,8 +18,6 @@ from cachepass.options import parse_options
 from cachepass.transform.compile import compile_piece
 from cachepass.transform.partition import partition
 from cachepass.transform.variants import build_variants
-from conftest import count_attention_calls
-from tiny_models import PlainDiT, flux_inputs, tiny_flux, tiny_wan, wan_inputs
 
 
 def captured(model, *args, **kwargs):

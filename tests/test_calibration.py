@@ -8,18 +8,24 @@ import random
 import numpy as np
 import pytest
 import torch
+from tiny_models import tiny_wan, wan_inputs
 
 import cachepass
-from cachepass.errors import OptionError
 from cachepass.calibration import (
-    ModelFingerprint, Profile, Recording, Trajectory, fit_teacache, load_profile,
-    magnitude_ratios, record,
+    ModelFingerprint,
+    Profile,
+    Recording,
+    Trajectory,
+    fit_teacache,
+    load_profile,
+    magnitude_ratios,
+    record,
 )
 from cachepass.calibration.api import _search, compute_budget
+from cachepass.errors import OptionError
 from cachepass.options import parse_options
 from cachepass.policies.base import CallContext
 from cachepass.policies.magcache import nearest_resample
-from tiny_models import tiny_wan, wan_inputs
 
 KNOWN = (30.0, -12.0, 2.5, 0.4, 0.01)  # numpy.poly1d order
 

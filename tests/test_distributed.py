@@ -14,16 +14,16 @@ import multiprocessing
 import time
 
 import pytest
+import sp_model
 import torch
 
-import sp_model
 from cachepass import POLICIES
 from cachepass.analysis.features import token_dependent
-from cachepass.distributed import DecisionSync
 from cachepass.errors import OptionError
 from cachepass.options import parse_options
 from cachepass.policies.adacache import motion_sums
 from cachepass.policies.distance import relative_l1
+from cachepass.runtime.distributed import DecisionSync
 
 LAUNCH_TIMEOUT_S = 300  # a whole launch; 2 shared CPU cores, 4 ranks each compiling 8 policies
 COLLECTIVE_TIMEOUT_S = 60  # gloo gives up on a collective whose partner never comes

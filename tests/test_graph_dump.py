@@ -8,11 +8,11 @@ import pathlib
 
 import pytest
 import torch
+from tiny_models import NoStack, PlainDiT
 
 import cachepass
 from cachepass.errors import OptionError
 from cachepass.options import parse_options
-from tiny_models import NoStack, PlainDiT
 
 
 def plain(depth: int = 4):

@@ -1,10 +1,10 @@
 """The deliberate inductor tests: every graph variant compiled by inductor, not only run eagerly."""
 
 import torch
-
-import cachepass
 from conftest import relative_l1
 from tiny_models import tiny_wan, wan_inputs
+
+import cachepass
 
 SCHEDULE = [999, 800, 600, 400, 200]
 

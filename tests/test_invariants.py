@@ -11,6 +11,7 @@ import dataclasses
 import pytest
 import torch
 import torch.fx as fx
+from test_unsupported import Tiny, capture, inputs, tiny_graph
 
 import cachepass
 from cachepass import reconstruction as reconstruction_module
@@ -22,7 +23,6 @@ from cachepass.transform import variants as variants_module
 from cachepass.transform.invariants import check_partition, check_variants
 from cachepass.transform.partition import partition
 from cachepass.transform.variants import build_variants
-from test_unsupported import Tiny, capture, inputs, tiny_graph
 
 STACK = Requirements()
 BLOCK = Requirements(reconstruction=TaylorReuse(order=1, granularity="block"))

@@ -24,13 +24,13 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
+from tiny_models import PlainDiT
 
 import cachepass
 from cachepass.calibration.profile import ModelFingerprint, Profile
 from cachepass.errors import OptionError
 from cachepass.options import COMMON_OPTIONS, parse_options
 from cachepass.policies.teacache import COEFFICIENT_PRESETS
-from tiny_models import PlainDiT
 
 SEED = 11
 N_DICTS = 540

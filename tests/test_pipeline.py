@@ -1,10 +1,10 @@
 """diffusers' real WanPipeline, unchanged, with the transformer compiled by cachepass."""
 
 import torch
-
-import cachepass
 from conftest import count_attention_calls, relative_l1
 from tiny_models import run_wan_pipeline, tiny_wan, tiny_wan_pipeline
+
+import cachepass
 
 STEPS = 8
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cachepass.options import parse_options
-from cachepass.policies.adacache import CODEBOOK_50, CODEBOOK_100, auto_codebook, interpolate_codebook, CODEBOOK_30_FAST
+from cachepass.policies.adacache import CODEBOOK_30_FAST, CODEBOOK_50, CODEBOOK_100, auto_codebook, interpolate_codebook
 from cachepass.policies.base import CallContext
 from cachepass.reconstruction import ResidualReuse, TaylorReuse
 

@@ -13,14 +13,14 @@ import copy
 
 import pytest
 import torch
+from conftest import relative_l1
+from tiny_models import PlainDiT, tiny_wan
 
 import cachepass
 from cachepass.analysis.features import resolve_feature
 from cachepass.analysis.structure import analyse
 from cachepass.options import DEFAULT_POLICY, parse_options
 from cachepass.policies.base import EXAMPLE_IMAGE, EXAMPLE_TINY
-from conftest import relative_l1
-from tiny_models import PlainDiT, tiny_wan
 
 NUM_STEPS = 20
 GUIDANCE = 5.0

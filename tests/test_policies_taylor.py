@@ -11,8 +11,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from cachepass import taylor
-from cachepass.reconstruction import TaylorReuse
+from cachepass.reconstruction import TaylorReuse, taylor
 from cachepass.transform.variants import placeholder_adder
 
 

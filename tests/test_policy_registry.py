@@ -20,6 +20,9 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import relative_l1 as output_l1
+from test_calibration import synthetic_recording
+from tiny_models import PlainDiT, run_wan_pipeline, tiny_wan, tiny_wan_pipeline
 
 import cachepass
 from cachepass.analysis.features import check_feature_name, indicator_name, token_dependent
@@ -30,13 +33,18 @@ from cachepass.errors import OptionError
 from cachepass.options import parse_options
 from cachepass.policies import base
 from cachepass.policies.base import (
-    MAX_STEPS, CallContext, Calibration, CalibrationFit, Policy, PolicyConfig, Requirements, check_float, check_int,
+    MAX_STEPS,
+    Calibration,
+    CalibrationFit,
+    CallContext,
+    Policy,
+    PolicyConfig,
+    Requirements,
+    check_float,
+    check_int,
     is_forced_step,
 )
 from cachepass.policies.distance import relative_l1
-from conftest import relative_l1 as output_l1
-from test_calibration import synthetic_recording
-from tiny_models import PlainDiT, run_wan_pipeline, tiny_wan, tiny_wan_pipeline
 
 # --- a new policy: what its module holds --------------------------------------------------------------
 

@@ -7,13 +7,13 @@ import re
 
 import pytest
 import torch
+from tiny_models import NoStack, PlainDiT, timestep_embedding
 
 import cachepass
 from cachepass import stages
 from cachepass.analysis.structure import analyse
 from cachepass.errors import NoBlockStack, OptionError, SplitStack, UnsupportedStructure
 from cachepass.options import parse_options
-from tiny_models import NoStack, PlainDiT, timestep_embedding
 
 STAGES = ["block_stack", "regions", "checks", "residual_stream", "timestep", "indicators",
           "partition", "block_parts", "features", "exports", "variants", "compile"]

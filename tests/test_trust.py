@@ -13,15 +13,24 @@ import weakref
 
 import pytest
 import torch
+from conftest import count_attention_calls, relative_l1
+from tiny_models import (
+    flux_inputs,
+    run_flux_pipeline,
+    run_wan_pipeline,
+    tiny_flux,
+    tiny_flux_pipeline,
+    tiny_wan,
+    tiny_wan_pipeline,
+    tiny_wan_two_expert_pipeline,
+    wan_inputs,
+)
 
 import cachepass
 from cachepass.errors import OptionError
 from cachepass.options import parse_options
 from cachepass.runtime.placement import MAX_BRANCHES
 from cachepass.runtime.state import HISTORY, runtime_for
-from conftest import count_attention_calls, relative_l1
-from tiny_models import (flux_inputs, run_flux_pipeline, run_wan_pipeline, tiny_flux, tiny_flux_pipeline, tiny_wan,
-                         tiny_wan_pipeline, tiny_wan_two_expert_pipeline, wan_inputs)
 
 INTERVAL = {"policy": "interval", "interval": 3, "inner": "eager"}
 SCHEDULE = [999.0 - 50 * i for i in range(16)]  # 999 ... 249

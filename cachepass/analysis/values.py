@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from .._dynamo import placeholder_source
+
 
 def example_value(node: fx.Node):
     """The fake (or real) value Dynamo recorded for ``node``, or ``None``."""
@@ -41,14 +43,8 @@ def is_tensor(node: fx.Node) -> bool:
 
 def source_name(node: fx.Node) -> str:
     """Dynamo's source expression for a placeholder (``L['timestep']``), else the node name."""
-    grapharg = node.meta.get("grapharg")
-    source = getattr(grapharg, "source", None)
-    if source is not None:
-        try:
-            return source.name() if callable(getattr(source, "name", None)) else str(source.name)
-        except Exception:  # pragma: no cover - defensive against source API changes
-            pass
-    return node.name
+    source = placeholder_source(node)
+    return source if source is not None else node.name
 
 
 def is_user_input(node: fx.Node) -> bool:

@@ -10,7 +10,13 @@ docs/calibration.md.
 
 from .api import calibratable, calibrate, compute_budget
 from .fit import PolyFit, fit_polynomial, fit_teacache, magnitude_ratios
-from .profile import ModelFingerprint, Profile, ProfileFields, calibratable_policies, load_profile
+from .profile import (
+    ModelFingerprint,
+    Profile,
+    ProfileFields,
+    calibratable_policies,
+    load_profile,
+)
 from .record import Recording, Trajectory, record
 from .threshold import Replay, ThresholdSearch
 

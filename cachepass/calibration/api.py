@@ -20,7 +20,15 @@ from ..errors import OptionError
 from ..policies.base import CalibrationFit, Policy
 from ..policies.distance import relative_l1
 from .profile import Profile, calibratable_policies
-from .record import INDICATOR_CANDIDATES, Recording, call_run, intercept, output_tensor, plain_module, record
+from .record import (
+    INDICATOR_CANDIDATES,
+    Recording,
+    call_run,
+    intercept,
+    output_tensor,
+    plain_module,
+    record,
+)
 
 log = get_logger(__name__)
 

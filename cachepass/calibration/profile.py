@@ -26,9 +26,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .._dynamo import unwrap
 from .._logging import get_logger, warn_once
 from ..errors import OptionError
-from ..policies.base import MAX_STEPS, Invalid, boolean, finite_number, integer, is_sequence, number_list, show
+from ..policies.base import (
+    MAX_STEPS,
+    Invalid,
+    boolean,
+    finite_number,
+    integer,
+    is_sequence,
+    number_list,
+    show,
+)
 
 if TYPE_CHECKING:
     from ..policies.base import Policy
@@ -67,7 +77,7 @@ class ModelFingerprint:
 
     @classmethod
     def of(cls, model) -> "ModelFingerprint":
-        model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper: the module inside
+        model = unwrap(model)  # a torch.compile wrapper: the module inside
         h = hashlib.sha256(type(model).__qualname__.encode())
         count = 0
         for kind, items in (("p", model.named_parameters()), ("b", model.named_buffers())):

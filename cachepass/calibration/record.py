@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from .._dynamo import reset_code, unwrap
 from .._logging import get_logger
 from ..backend import compile_with_settings
 from ..errors import OptionError
@@ -188,7 +189,7 @@ _UNSET = object()
 def plain_module(model) -> torch.nn.Module:
     if not isinstance(model, torch.nn.Module):
         raise OptionError(f"calibration needs the denoiser module (e.g. pipe.transformer), got {type(model).__name__}")
-    return getattr(model, "_orig_mod", model)
+    return unwrap(model)
 
 
 @contextlib.contextmanager
@@ -206,7 +207,7 @@ def intercept(model: torch.nn.Module, backend) -> Iterator[None]:
             del model.__dict__["_compiled_call_impl"]
         else:
             model._compiled_call_impl = call
-        torch._dynamo.reset_code(_call_module.__code__)
+        reset_code(_call_module.__code__)
         runtime_state._RUNTIMES.pop(model, None)
         if before is not None:
             runtime_state._RUNTIMES[model] = before

@@ -13,7 +13,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cachepass.demo.model import DEFAULT_GENERATION, NUM_CLASSES, generate, make_pipeline, to_frames
+from cachepass.demo.model import (
+    DEFAULT_GENERATION,
+    NUM_CLASSES,
+    generate,
+    make_pipeline,
+    to_frames,
+)
 
 logger = logging.getLogger("cachepass.demo")
 

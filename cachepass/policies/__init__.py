@@ -9,7 +9,14 @@ when it can be calibrated, its ``Policy.calibration``. docs/policies.md, "Adding
 from __future__ import annotations
 
 from .adacache import AdaCachePolicy
-from .base import Calibration, CalibrationFit, CallContext, Policy, PolicyConfig, Requirements
+from .base import (
+    Calibration,
+    CalibrationFit,
+    CallContext,
+    Policy,
+    PolicyConfig,
+    Requirements,
+)
 from .customcache import CustomCachePolicy
 from .dbcache import DBCachePolicy
 from .fbcache import FBCachePolicy

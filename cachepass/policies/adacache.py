@@ -18,7 +18,7 @@ Tokens per frame come from the latent's shape (``frame_grid`` feature); the refe
 model width (1536), which is a defect. ``tokens_per_frame=`` overrides, for models whose latent the
 analysis does not find.
 
-Under sequence parallelism (:mod:`cachepass.distributed`) all sums of one step travel in one
+Under sequence parallelism (:mod:`cachepass.runtime.distributed`) all sums of one step travel in one
 ``all_reduce``. The distance is exact (the whole sequence's). The motion term pairs token ``i`` with
 ``i + s``; a pair whose tokens sit on two ranks is not seen by either (exchanging them would move
 activations, not statistics), so ``mo`` is the same formula over the pairs that lie within one rank's
@@ -37,8 +37,21 @@ from .._logging import get_logger
 from ..analysis.features import BLOCK_FEATURE
 from ..errors import OptionError
 from .base import (
-    MAX_CODEBOOK, MAX_STEPS, MAX_TOKENS, CallContext, Invalid, Policy, PolicyConfig, Requirements, check_bool,
-    check_int, check_optional_int, finite_number, integer, is_forced_step, show,
+    MAX_CODEBOOK,
+    MAX_STEPS,
+    MAX_TOKENS,
+    CallContext,
+    Invalid,
+    Policy,
+    PolicyConfig,
+    Requirements,
+    check_bool,
+    check_int,
+    check_optional_int,
+    finite_number,
+    integer,
+    is_forced_step,
+    show,
 )
 from .distance import l1_ratio, l1_sums
 

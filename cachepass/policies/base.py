@@ -34,9 +34,9 @@ import torch
 
 from ..analysis import indicators as _indicators
 from ..analysis.features import check_feature_name, indicator_name
-from ..distributed import LOCAL, DecisionSync
 from ..errors import OptionError
 from ..reconstruction import Reconstruction, ResidualReuse
+from ..runtime.distributed import LOCAL, DecisionSync
 
 #: Indicators a policy may decide on, by name: the one list, :data:`cachepass.analysis.indicators.INDICATORS`.
 #: ``front_residual``: the residual of the ``compute_first`` front blocks (output minus input), made by
@@ -86,7 +86,7 @@ class CallContext:
 
     ``sync`` sums a decision's statistics over the ranks that must decide together (sequence
     parallelism; identity on one process): a policy stacks every sum one decision reads into one tensor
-    and calls ``ctx.sync.reduce`` once (see :mod:`cachepass.distributed`).
+    and calls ``ctx.sync.reduce`` once (see :mod:`cachepass.runtime.distributed`).
     """
 
     generation: int

@@ -3,15 +3,14 @@
 The reference's combination: skip exactly when ``teacache`` would (``ret_steps=False``, threshold
 0.26 by default), but rebuild a skipped call as ``x_in + R + k * dR`` (order 1: ``dR`` the residual's
 change per step between the last two computed steps, ``k`` the steps since the last one) instead of
-``x_in + R``. Higher ``order`` uses more computed steps (:mod:`cachepass.taylor`).
+``x_in + R``. Higher ``order`` uses more computed steps (:mod:`cachepass.reconstruction.taylor`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..reconstruction import TaylorReuse
-from ..taylor import MAX_ORDER
+from ..reconstruction import MAX_ORDER, TaylorReuse
 from .base import Requirements, check_int
 from .teacache import TeaCacheConfig, TeaCachePolicy
 

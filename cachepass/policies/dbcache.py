@@ -14,8 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..reconstruction import Reconstruction, ResidualReuse, TaylorReuse
-from ..taylor import MAX_ORDER
+from ..reconstruction import MAX_ORDER, Reconstruction, ResidualReuse, TaylorReuse
 from .base import MAX_BLOCKS, Requirements, check_int, check_optional_int
 from .fbcache import FBCacheConfig, FBCachePolicy
 

@@ -1,7 +1,7 @@
 """The change measure the adaptive policies share: relative L1 distance between two tensors.
 
 Computed from two sums, not two means, so that a sequence-parallel model can add each rank's sums
-before dividing (:mod:`cachepass.distributed`): the ratio of the global sums is the relative L1 of the
+before dividing (:mod:`cachepass.runtime.distributed`): the ratio of the global sums is the relative L1 of the
 whole sequence. On one process it equals ``mean|now - before| / mean|before|``.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..distributed import LOCAL, DecisionSync
+from ..runtime.distributed import LOCAL, DecisionSync
 
 
 def l1_sums(now: torch.Tensor, before: torch.Tensor) -> torch.Tensor:

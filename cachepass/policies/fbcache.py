@@ -15,7 +15,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..reconstruction import Reconstruction, ResidualReuse
-from .base import MAX_STEPS, CallContext, Policy, PolicyConfig, Requirements, check_float, check_int, is_forced_step
+from .base import (
+    MAX_STEPS,
+    CallContext,
+    Policy,
+    PolicyConfig,
+    Requirements,
+    check_float,
+    check_int,
+    is_forced_step,
+)
 from .distance import relative_l1
 
 

@@ -28,8 +28,20 @@ import numpy as np
 from .._logging import get_logger, warn_once
 from ..errors import OptionError
 from .base import (
-    MAX_STEPS, MAX_STREAMS, CallContext, Calibration, CalibrationFit, Invalid, Policy, PolicyConfig, Requirements,
-    check_float, check_int, is_sequence, number_list, show,
+    MAX_STEPS,
+    MAX_STREAMS,
+    Calibration,
+    CalibrationFit,
+    CallContext,
+    Invalid,
+    Policy,
+    PolicyConfig,
+    Requirements,
+    check_float,
+    check_int,
+    is_sequence,
+    number_list,
+    show,
 )
 
 log = get_logger(__name__)

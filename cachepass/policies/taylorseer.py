@@ -3,7 +3,7 @@
 TaylorSeer (arXiv 2503.06923). After ``warmup`` computed steps, one step in ``interval`` is computed
 (``warmup=1, interval=4``: steps 0, 4, 8, ..., 13 of 50, the reference's schedule). In between, the
 cached span's residual is predicted as ``F^ = sum_i D_i k^i / i!`` from derivatives fitted on the last
-``order + 1`` computed steps with their real gaps (:mod:`cachepass.taylor`,
+``order + 1`` computed steps with their real gaps (:mod:`cachepass.reconstruction.taylor`,
 :class:`~cachepass.reconstruction.TaylorReuse`).
 
 Granularity ``stack`` applies this to the whole-stack residual (``order + 1`` residual-sized tensors
@@ -18,9 +18,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..reconstruction import GRANULARITIES, TaylorReuse
-from ..taylor import MAX_ORDER
-from .base import MAX_STEPS, CallContext, Policy, PolicyConfig, Requirements, check_choice, check_int, is_forced_step
+from ..reconstruction import GRANULARITIES, MAX_ORDER, TaylorReuse
+from .base import (
+    MAX_STEPS,
+    CallContext,
+    Policy,
+    PolicyConfig,
+    Requirements,
+    check_choice,
+    check_int,
+    is_forced_step,
+)
+
 
 @dataclass(frozen=True)
 class TaylorSeerConfig(PolicyConfig):

@@ -19,8 +19,20 @@ import numpy as np
 from .._logging import get_logger, warn_once
 from ..errors import OptionError
 from .base import (
-    MAX_COEFFICIENTS, CallContext, Calibration, CalibrationFit, Invalid, Policy, PolicyConfig, Requirements, check_bool,
-    check_choice, check_float, is_forced_step, number_list, show,
+    MAX_COEFFICIENTS,
+    Calibration,
+    CalibrationFit,
+    CallContext,
+    Invalid,
+    Policy,
+    PolicyConfig,
+    Requirements,
+    check_bool,
+    check_choice,
+    check_float,
+    is_forced_step,
+    number_list,
+    show,
 )
 from .distance import relative_l1
 

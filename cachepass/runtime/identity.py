@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .._dynamo import unwrap
 from ..analysis.values import source_name
 
 _KEY = re.compile(r"\['([^']+)'\]|\.([A-Za-z_][A-Za-z0-9_]*)")
@@ -124,7 +125,7 @@ def find_outer_module(root: torch.nn.Module | None, frame) -> torch.nn.Module | 
         for value in list(frame.f_locals.values()):
             if not isinstance(value, torch.nn.Module):
                 continue
-            value = getattr(value, "_orig_mod", value)  # torch.compile's wrapper: the module inside
+            value = unwrap(value)  # torch.compile's wrapper: the module inside
             if value is not root and value is not outer:
                 if root is None or any(m is root for m in value.modules()):
                     outer = value

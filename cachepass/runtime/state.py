@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .._dynamo import unwrap
 from ..reconstruction import ReuseCache
 from .placement import Placement, Placer
 
@@ -229,7 +230,7 @@ _REGISTRY_LOCK = threading.Lock()
 
 
 def _key(model) -> Any:
-    return getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule wraps the module
+    return unwrap(model)  # torch.compile's OptimizedModule wraps the module
 
 
 def runtime_for(model, create: bool = True) -> ModelRuntime | None:

@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 
 import torch.fx as fx
 
+from .._dynamo import compile_with_inductor, lookup_backend
 from .._logging import get_logger
 
 log = get_logger(__name__)
@@ -21,14 +22,8 @@ def compile_piece(gm: fx.GraphModule, example_inputs: Sequence, inner, mode: str
     if inner == "eager":
         return gm.forward
     if inner == "inductor":
-        from torch._inductor import list_mode_options
-        from torch._inductor.compile_fx import compile_fx
-
-        patches = list_mode_options(mode) if mode else None
-        return compile_fx(gm, list(example_inputs), config_patches=patches)
+        return compile_with_inductor(gm, example_inputs, mode)
     if isinstance(inner, str):
-        from torch._dynamo.backends.registry import lookup_backend
-
         inner = lookup_backend(inner)
     return inner(gm, list(example_inputs))
 

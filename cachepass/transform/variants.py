@@ -78,7 +78,7 @@ def _get(env: dict, value: fx.Node, reader: str, variant: str) -> fx.Node:
 
 def _copy(graph: fx.Graph, env: dict, nodes, variant: str) -> None:
     for node in nodes:
-        env[node] = graph.node_copy(node, lambda n: _get(env, n, repr(node.name), variant))
+        env[node] = graph.node_copy(node, lambda n, node=node: _get(env, n, repr(node.name), variant))
 
 
 def _map_outputs(original: tuple, env: dict, variant: str) -> tuple:

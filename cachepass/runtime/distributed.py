@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from ._logging import get_logger
-from .errors import OptionError
+from .._logging import get_logger
+from ..errors import OptionError
 
-log = get_logger(__name__)
+log = get_logger("cachepass.distributed")  # the name users filter on
 
 _announced: set[int] = set()  # world sizes already logged: one line per process, not per graph
 
@@ -36,7 +36,7 @@ def validate_sync_options(sync: Any, process_group: Any) -> bool | str:
     if isinstance(sync, np.bool_):
         sync = bool(sync)
     if not (sync is True or sync is False or (isinstance(sync, str) and sync == "auto")):
-        from .policies.base import show
+        from ..policies.base import show
 
         raise OptionError(
             "option 'sync' must be 'auto' (sum decision statistics over the ranks when torch.distributed "
@@ -50,7 +50,7 @@ def validate_sync_options(sync: Any, process_group: Any) -> bool | str:
     import torch.distributed as dist
 
     if not dist.is_available() or not isinstance(process_group, dist.ProcessGroup):
-        from .policies.base import show
+        from ..policies.base import show
 
         raise OptionError(
             "option 'process_group' must be a torch.distributed ProcessGroup (the group the model's tokens are "

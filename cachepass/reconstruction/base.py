@@ -22,7 +22,6 @@ call.
 
 from __future__ import annotations
 
-import operator
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -30,8 +29,7 @@ from typing import Callable, Sequence
 import torch
 import torch.fx as fx
 
-from . import taylor
-from .errors import UnsupportedStructure
+from ..errors import UnsupportedStructure
 
 
 class ReuseCache(ABC):
@@ -118,111 +116,6 @@ class ResidualReuse(Reconstruction):
 
     def new_cache(self):
         return _LastResidualCache()
-
-
-class _TaylorCache(ReuseCache):
-    """Per stream: the derivative tensors ``D_0..D_m`` of each cached residual at the last computed step.
-
-    Orders not fitted yet (``m < order`` while warming up) are served as ``D_0`` with coefficient 0,
-    so a reuse call never allocates zeros and the placeholder layout never changes.
-    """
-
-    def __init__(self, order: int) -> None:
-        self.order = order
-        self.derivatives: list[list[torch.Tensor]] | None = None  # per residual: [D_0..D_m]
-        self.gaps: tuple[float, ...] = ()
-        self.step: int | None = None
-
-    def write(self, residuals, step):
-        old_order = None if self.derivatives is None else len(self.derivatives[0]) - 1
-        gap = 0 if self.step is None else step - self.step
-        if gap <= 0:  # first write, or the same step written again: start over from this value
-            old_order, self.gaps = None, ()
-        matrix, self.gaps = taylor.update_matrix(self.order, gap, self.gaps, old_order)
-        old = self.derivatives if old_order is not None else [[] for _ in residuals]
-        self.derivatives = [_combine(matrix, [r, *d]) for r, d in zip(residuals, old)]
-        self.step = step
-
-    def read(self, step):
-        if self.derivatives is None:
-            raise RuntimeError("cachepass: reuse before any compute: the runtime must compute first")
-        fitted = len(self.derivatives[0]) - 1
-        first = self.derivatives[0][0]
-        coefficients = taylor.taylor_coefficients(step - self.step, fitted) + [0.0] * (self.order - fitted)
-        out = [torch.tensor(coefficients, dtype=_coefficient_dtype(first.dtype), device=first.device)]
-        for d in self.derivatives:
-            out.extend(d + [d[0]] * (self.order - fitted))
-        return out
-
-    def ready(self):
-        return self.derivatives is not None
-
-    def nbytes(self):
-        return _tensor_nbytes(t for d in self.derivatives or () for t in d)
-
-
-def _coefficient_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 for float64 streams, else float32 (a 0-d factor keeps the stream's own dtype)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _combine(matrix, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``[sum_j matrix[i, j] * tensors[j] for each row i]``, accumulated in at least float32."""
-    ref = tensors[0]
-    work = torch.promote_types(ref.dtype, torch.float32)
-    out = []
-    for row in matrix:
-        if row[0] == 1.0 and not row[1:].any():  # D_0 = F_new: keep the tensor, no copy
-            out.append(ref)
-            continue
-        acc = None
-        for weight, t in zip(row.tolist(), tensors):
-            if weight == 0.0:
-                continue
-            term = t.to(work) * weight
-            acc = term if acc is None else acc.add_(term)
-        out.append((acc if acc is not None else torch.zeros_like(ref, dtype=work)).to(ref.dtype))
-    return out
-
-
-@dataclass(frozen=True)
-class TaylorReuse(Reconstruction):
-    """Predict each cached tensor by its Taylor expansion ``sum_i c_i * D_i`` with ``c_i = k^i / i!``,
-    ``k`` the steps since the last computed one (see :mod:`cachepass.taylor`).
-
-    Graph side: one shared coefficient placeholder (``order + 1`` float32 values, float64 for float64
-    tensors, made per reuse call on the tensors' device) and ``order + 1`` derivative placeholders per
-    cached tensor; the sum is written as graph nodes (the "Taylor nodes"), so the inner compiler fuses it
-    with the rest of the reuse variant. Memory: ``order + 1`` tensors per cached tensor and stream
-    (``stack``: one residual per stream tensor; ``block``: every attention / feed-forward output).
-    """
-
-    order: int = 1
-    name: str = "taylor"
-    granularity: str = "stack"
-
-    def predict(self, graph, examples, add_placeholder):
-        if not examples:
-            return []
-        first = examples[0]
-        example = None
-        if isinstance(first, torch.Tensor):
-            example = first.new_empty((self.order + 1,), dtype=_coefficient_dtype(first.dtype))
-        coefficients = add_placeholder("taylor_coefficients", example)
-        terms = [graph.call_function(operator.getitem, (coefficients, i)) for i in range(self.order + 1)]
-        outputs = []
-        for p, value in enumerate(examples):
-            out = None
-            for i, c in enumerate(terms):
-                derivative = add_placeholder(f"taylor_d{i}_{p}", value)
-                scaled = graph.call_function(operator.mul, (c, derivative))
-                out = scaled if out is None else graph.call_function(operator.add, (out, scaled))
-                scaled.meta["example_value"] = out.meta["example_value"] = value
-            outputs.append(out)
-        return outputs
-
-    def new_cache(self):
-        return _TaylorCache(self.order)
 
 
 def _stand_in(example: torch.Tensor) -> torch.Tensor:
