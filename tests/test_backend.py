@@ -255,3 +255,19 @@ def test_a_graph_break_in_the_stack_warns_once_naming_the_split(caplog):
     torch.testing.assert_close(out[-1], run_schedule(model, inputs, SCHEDULE[1:2])[0], rtol=1e-5, atol=1e-6)
     stats = cachepass.stats(fast)
     assert not stats.caching and stats.uncached_calls > 0 and "graph break" in stats.uncached_reason
+
+
+@pytest.mark.parametrize("policy", ["fbcache", "dbcache"])
+def test_first_block_policies_cache_flux_under_dynamic_shapes(policy):
+    """Under dynamic=True a SymInt crosses the first block boundary before the stream tensor: the front
+    residual is still the stream's."""
+    model, inputs = tiny_flux(), flux_inputs()
+    options = {"policy": policy, "inner": "eager", **({"Fn": 1, "Bn": 0} if policy == "dbcache" else {})}
+    fast = torch.compile(model, backend="cachepass", dynamic=True, options=options)
+    with torch.no_grad():
+        for t in (1.0, 0.98, 0.96):
+            out = fast(timestep=torch.tensor([t]), **inputs)[0]
+        ref = model(timestep=torch.tensor([0.96]), **inputs)[0]
+    stats = cachepass.stats(fast)
+    assert stats.caching, stats
+    assert relative_l1(out, ref) < 0.1

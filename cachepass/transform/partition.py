@@ -36,7 +36,7 @@ from ..analysis.block_parts import BlockPart, find_block_parts
 from ..analysis.dataflow import ancestors_within
 from ..analysis.features import resolve_feature
 from ..analysis.structure import DenoiserStructure
-from ..analysis.values import tensor_signature
+from ..analysis.values import is_tensor, tensor_signature
 from ..errors import UnsupportedStructure
 from ..policies.base import Requirements
 
@@ -95,7 +95,9 @@ def cut(structure: DenoiserStructure, requirements: Requirements) -> Partition:
     if requirements.indicator == "front_residual":
         if a == 0:
             raise UnsupportedStructure("indicator 'front_residual' needs compute_first >= 1 (blocks run before it)")
-        indicator = structure.boundary_values(a)[0]
+        # the first boundary tensor (under dynamic shapes a SymInt can cross the boundary before it)
+        boundary = structure.boundary_values(a)
+        indicator = next((v for v in boundary if is_tensor(v)), boundary[0])
         indicator_base = _pair(structure, structure.boundary_values(0), [indicator])[0][0]
         head |= ancestors_within(structure.dataflow, [indicator, indicator_base], structure.body)
     elif requirements.indicator is not None:
