@@ -30,7 +30,7 @@ from .runtime.identity import InstanceIdentity, find_outer_module
 from .runtime.program import CachedProgram, UncachedProgram
 from .runtime.state import runtime_for
 from .stages import ANALYSIS, COMPILE, TRANSFORM, PassState, run_stages
-from .transform.compile import compile_piece
+from .transform.compile import compile_piece, inner_name
 
 log = get_logger(__name__)
 signals.install()  # diffusers' cache_context reaches cachepass from the first pipeline call on
@@ -93,10 +93,9 @@ def _fallback(gm, example_inputs, settings: Settings, reason: str, root, identit
         if reason not in runtime.fallback_reasons:
             runtime.fallback_reasons.append(reason)
     if warn:
-        inner = settings.inner if isinstance(settings.inner, str) else getattr(settings.inner, "__name__", "callable")
         warn_once(log, ("fallback", warn_key or reason, _model_key(root)),
                   "cachepass: caching is off for this graph: %s. The graph runs unchanged, compiled by inner=%r; "
-                  "outputs equal a plain torch.compile.", reason, inner)
+                  "outputs equal a plain torch.compile.", reason, inner_name(settings.inner))
     compiled = compile_piece(gm, example_inputs, settings.inner, settings.inductor_mode)
     return UncachedProgram(compiled, identity, reason, counts, outer=split)
 
@@ -204,14 +203,15 @@ def _compile(gm, example_inputs, settings: Settings, root, state: PassState, con
             "diffusers pipeline every call counts as a new step of one stream; pass num_steps=... or call "
             "cachepass.reset(model) between generations.",
         )
+    key = settings_key(settings)
     program = CachedProgram(
         pieces["head"], pieces["compute"], pieces["reuse"],
-        policy=settings.policy, reconstruction=requirements.reconstruction, settings_key=settings_key(settings),
+        policy=settings.policy, reconstruction=requirements.reconstruction, settings_key=key,
         num_steps=settings.num_steps, sync=DecisionSync(settings.sync, settings.process_group),
         identity=identity, input_indices=signature_inputs(placeholders),
         has_indicator=variants.has_indicator, num_outputs=variants.num_outputs,
         num_cache_writes=variants.num_cache_writes, timestep_index=timestep_index, reuses=requirements.reuses,
-        layout=(settings_key(settings), variants.num_outputs, variants.num_cache_writes, variants.has_indicator,
+        layout=(key, variants.num_outputs, variants.num_cache_writes, variants.has_indicator,
                 tuple(b.module.qualified_name for b in structure.blocks),
                 tuple(source_name(s.input) for s in structure.stream)),
     )

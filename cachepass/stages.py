@@ -61,7 +61,7 @@ from .analysis.timestep import find_timestep_embedding, find_timestep_input
 from .errors import UnsupportedStructure
 from .policies.base import Requirements
 from .transform import partition as partition_pass
-from .transform.compile import compile_piece, example_inputs_for
+from .transform.compile import compile_piece, example_inputs_for, inner_name
 from .transform.partition import Partition
 from .transform.variants import GraphVariants, build_variants
 
@@ -266,8 +266,7 @@ def _variants(s: PassState) -> str:
 
 
 def _compile(s: PassState) -> str:
-    inner = s.inner if isinstance(s.inner, str) else getattr(s.inner, "__name__", "callable")
-    return f"{', '.join(s.pieces)} compiled by {inner!r}"
+    return f"{', '.join(s.pieces)} compiled by {inner_name(s.inner)!r}"
 
 
 BLOCK_STACK = Stage("block_stack", block_stack, _stacks)

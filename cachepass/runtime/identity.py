@@ -11,39 +11,31 @@ per parameter object, weakly, so later calls cost one dictionary lookup.
 
 from __future__ import annotations
 
-import re
 import sys
 import weakref
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.fx as fx
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .._dynamo import unwrap
+from ..analysis.module_paths import qualified_name
 from ..analysis.values import source_name
 
-_KEY = re.compile(r"\['([^']+)'\]|\.([A-Za-z_][A-Za-z0-9_]*)")
-_CONTAINERS = {"__dict__", "_modules", "_parameters", "_buffers"}
-_ROOT = re.compile(r"^(L|G)\['([^']+)'\]")
 _FRAMES = 24  # how far up the stack the owning module is looked for
 
 #: identity parameter -> weak reference to the module that owns it (or None: no module found)
 _OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_UNSEEN = object()
 
 
 def state_path(source: str) -> str | None:
     """``L['self'].__dict__['_modules']['blocks']._modules['0']._parameters['weight']`` -> ``blocks.0.weight``
     (the path of a parameter or buffer below the root variable), or ``None`` for a caller input."""
-    m = _ROOT.match(source)
-    if m is None:
+    if not source.startswith(("L[", "G[")) or ("_parameters" not in source and "_buffers" not in source):
         return None
-    rest = source[m.end():]
-    if "_parameters" not in rest and "_buffers" not in rest:
-        return None
-    keys = [a or b for a, b in _KEY.findall(rest)]
-    keys = [k for k in keys if k not in _CONTAINERS]
-    return ".".join(keys) if keys else None
+    return qualified_name(source) or None
 
 
 def lookup(module: torch.nn.Module, path: str) -> Any:
@@ -89,10 +81,10 @@ class InstanceIdentity:
         if self.index is None:
             return self.root
         key = args[self.index]
-        if key in _OWNERS:
-            ref = _OWNERS[key]
-            if ref is None:  # no module was found for it: the parameter stands for the instance
-                return key
+        ref = _OWNERS.get(key, _UNSEEN)
+        if ref is None:  # no module was found for it: the parameter stands for the instance
+            return key
+        if ref is not _UNSEEN:
             module = ref()
             if module is not None and lookup(module, self.path) is key:
                 return module
@@ -104,32 +96,29 @@ class InstanceIdentity:
         root = self.root
         if root is not None and lookup(root, self.path) is key:
             return root
-        frame = sys._getframe(2)
-        for _ in range(_FRAMES):
-            if frame is None:
-                break
-            for value in list(frame.f_locals.values()):
-                if isinstance(value, torch.nn.Module) and lookup(value, self.path) is key:
-                    return value
-            frame = frame.f_back
-        return None
+        return next((m for m in modules_in_frames(sys._getframe(2), _FRAMES) if lookup(m, self.path) is key), None)
+
+
+def modules_in_frames(frame, depth: int) -> Iterator[torch.nn.Module]:
+    """The modules held by the locals of ``frame`` and the ``depth - 1`` frames above it, innermost first
+    (a ``torch.compile`` wrapper as the module inside)."""
+    for _ in range(depth):
+        if frame is None:
+            return
+        for value in list(frame.f_locals.values()):
+            if isinstance(value, torch.nn.Module):
+                yield unwrap(value)
+        frame = frame.f_back
 
 
 def find_outer_module(root: torch.nn.Module | None, frame) -> torch.nn.Module | None:
     """The outermost module running in the Python frames from ``frame`` up that contains ``root`` (any
     module when ``root`` is unknown): the model whose ``forward`` graph breaks cut into pieces."""
     outer = None
-    for _ in range(400):
-        if frame is None:
-            break
-        for value in list(frame.f_locals.values()):
-            if not isinstance(value, torch.nn.Module):
-                continue
-            value = unwrap(value)  # torch.compile's wrapper: the module inside
-            if value is not root and value is not outer:
-                if root is None or any(m is root for m in value.modules()):
-                    outer = value
-        frame = frame.f_back
+    for module in modules_in_frames(frame, 400):
+        if module is not root and module is not outer:
+            if root is None or any(m is root for m in module.modules()):
+                outer = module
     return outer
 
 

@@ -46,8 +46,7 @@ class Placement:
     stream: int  # the branch's rank in the request, in order of first appearance
     num_steps: int | None
     certain: bool = True  # False: identity not established; compute and start the branch afresh
-    new_request: bool = False
-    signalled: bool = False
+    new_request: bool = False  # the call starts a request
     doubt: str | None = None  # why the placement is not certain
 
 
@@ -136,23 +135,24 @@ class Placer:
         if num_steps is not None and step >= num_steps and not new and signal.step_index is None:
             self._start()  # ran past the step count: a new request
             req, new, step = self._current, True, 0
-            if t is not None and t != MIXED:
+            if _scalar(t):
                 req.timeline[t] = 0
         req.branches[signal.branch] = _Branch(step, t)
         if _scalar(t):
             req.timeline.setdefault(t, step)
         certain = signal.step_index is not None or t != MIXED
         return Placement(self.request, step, signal.branch, self._stream(signal.branch), num_steps,
-                         certain, new, signalled=True, doubt=None if certain else MIXED_DOUBT)
+                         certain, new, doubt=None if certain else MIXED_DOUBT)
 
     # --- the timesteps alone ---------------------------------------------------------------------
 
     def _inferred(self, t, num_steps: int | None) -> Placement:
         if t == MIXED:  # a batch at several steps: nothing can be placed
-            if self._ended or self.request < 0:
+            new = self._ended or self.request < 0
+            if new:
                 self._start()
             return Placement(self.request, max(self._current.step, 0), MIXED, self._stream(MIXED), num_steps,
-                             certain=False, doubt=MIXED_DOUBT)
+                             certain=False, new_request=new, doubt=MIXED_DOUBT)
         req = self._current
         new = self._ended or self.request < 0
         if not new:

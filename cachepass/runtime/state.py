@@ -113,7 +113,6 @@ class ModelRuntime:
         self.lock = threading.RLock()
         self.placer = Placer()
         self.branches: dict[Any, BranchState] = {}
-        self.request = -1
         self.history: deque[list[StreamStats]] = deque(maxlen=HISTORY + 1)  # + the last, between requests
         self.counters: dict[Any, list[int]] = {}  # per compile settings: [calls, computed calls]
         self.settings_key: Any = None  # of the last caching call
@@ -130,9 +129,8 @@ class ModelRuntime:
 
     def place(self, signal, t, num_steps) -> Placement:
         placement = self.placer.place(signal, t, num_steps)
-        if placement.request != self.request:
+        if placement.new_request:
             self._archive()
-            self.request = placement.request
         return placement
 
     def _archive(self) -> None:
@@ -205,7 +203,7 @@ class ModelRuntime:
             policy=self.policy_name,
             caching=self.caching,
             fallback_reason=None if self.caching else self.uncached_reason,
-            generations=self.request + 1,
+            generations=self.placer.request + 1,
             streams=streams,
             history=history,
             calls=calls,

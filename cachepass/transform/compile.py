@@ -28,6 +28,11 @@ def compile_piece(gm: fx.GraphModule, example_inputs: Sequence, inner, mode: str
     return inner(gm, list(example_inputs))
 
 
+def inner_name(inner) -> str:
+    """How ``inner`` is named in messages: the backend name, or the callable's name."""
+    return inner if isinstance(inner, str) else getattr(inner, "__name__", "callable")
+
+
 def example_inputs_for(piece: fx.GraphModule, graph_inputs: Sequence) -> list:
     """Example inputs of a piece: Dynamo's for the original inputs, node metadata for the rest."""
     phs = [n for n in piece.graph.nodes if n.op == "placeholder"]
