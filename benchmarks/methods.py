@@ -175,7 +175,7 @@ class Applied:
         """Drop state a tool keeps after a generation, so the next one starts from an empty cache."""
 
     def computed_steps(self) -> tuple[list[int] | None, str]:
-        """Per stream, steps that ran the block stack, from the tool's own stats; ``(None, '')`` if it has none."""
+        """Per branch, steps that ran the block stack, from the tool's own stats; ``(None, '')`` if it has none."""
         return None, ""
 
     def cache_bytes(self) -> int | None:
@@ -220,7 +220,7 @@ class CachePass(Applied):
         if not stats.caching:
             self.notes.append(f"caching off: {stats.fallback_reason}")
             return None, ""
-        return [len(s.computed_steps) for s in stats.streams], "cachepass.stats"
+        return [len(s.computed_steps) for s in stats.branches], "cachepass.stats"
 
     def cache_bytes(self) -> int | None:
         return cachepass.stats(self.model).cache_bytes

@@ -17,7 +17,7 @@ def _num(value, fmt: str) -> str:
 
 
 def computed_cell(row: dict) -> str:
-    """Per stream from the tool's own stats (``25/25``), else block-equivalent steps (``~12.5``)."""
+    """Per branch from the tool's own stats (``25/25``), else block-equivalent steps (``~12.5``)."""
     if row.get("computed") is not None:
         return "/".join(str(c) for c in row["computed"])
     if row.get("block_work") is not None:

@@ -7,9 +7,9 @@ from .runtime.state import Stats, runtime_for
 
 
 def stats(model) -> Stats:
-    """Per stream, which steps computed the blocks and which reused the cache (current generation),
-    plus the previous generations and totals, for this module instance (the compiled or the original
-    module; another instance of the same class has its own)."""
+    """Per branch (cond, uncond: ``Stats.branches``), which steps computed the blocks and which reused the
+    cache (current generation), plus the previous generations and totals, for this module instance (the
+    compiled or the original module; another instance of the same class has its own)."""
     runtime = runtime_for(model, create=False)
     if runtime is None:
         return Stats(None, False, "this model was never run with backend='cachepass'", 0, [], [], 0, 0)

@@ -200,7 +200,7 @@ def _compile(gm, example_inputs, settings: Settings, root, state: PassState, con
         warn_once(
             log, ("no timestep", _model_key(root)),
             "cachepass: no timestep input found (no small input feeding a sin/cos embedding): outside a "
-            "diffusers pipeline every call counts as a new step of one stream; pass num_steps=... or call "
+            "diffusers pipeline every call counts as a new step of one branch; pass num_steps=... or call "
             "cachepass.reset(model) between generations.",
         )
     key = settings_key(settings)
@@ -217,9 +217,9 @@ def _compile(gm, example_inputs, settings: Settings, root, state: PassState, con
     )
     state.outcome = "caching: on"
     log.info(
-        "cachepass: policy %r on %d blocks (%s), %d residual-stream tensor(s); head %d / body %d / tail %d nodes",
-        settings.policy_name, len(structure.blocks), ", ".join(s.parent for s in structure.stacks),
-        len(structure.stream), len(structure.head), len(structure.body), len(structure.tail),
+        "cachepass: policy %r on %d blocks (%s), %d residual-stream tensor(s); prologue %d / body %d / epilogue %d "
+        "nodes", settings.policy_name, len(structure.blocks), ", ".join(s.parent for s in structure.stacks),
+        len(structure.stream), len(structure.prologue), len(structure.body), len(structure.epilogue),
     )
     return program
 

@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     cal.add_argument("--policy", choices=["teacache", "magcache"], default="teacache")
     target = cal.add_mutually_exclusive_group()
     target.add_argument("--target-speedup", type=float, default=None, help="computed steps <= steps / this")
-    target.add_argument("--target-steps", type=int, default=None, help="computed steps per stream")
+    target.add_argument("--target-steps", type=int, default=None, help="computed steps per branch (cond, uncond)")
     target.add_argument("--max-error", type=float, default=None, help="predicted relative L1 of the stack output")
     cal.add_argument("--steps", type=int, default=50)
     cal.add_argument("--digits", type=int, nargs="+", default=[0, 3, 5, 8])

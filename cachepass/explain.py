@@ -5,7 +5,8 @@ It traces the model once with Dynamo under ``torch.no_grad()`` and an analysis-o
 runs eagerly; nothing is cached or compiled by inductor), runs the analysis stages and the cut stages of
 :mod:`cachepass.stages` on each captured graph, and reports: the blocks, the residual stream, the
 timestep input, the indicators, where the policy's cut falls (with its options: ``{"Fn": 8}`` for
-dbcache), the head/cached/after sizes, and why caching would be off if it would be.
+dbcache), the head/cached/after sizes (prologue/body/epilogue when no cut is made), and why caching
+would be off if it would be.
 """
 
 from __future__ import annotations
@@ -122,14 +123,17 @@ def _report(state: PassState, policy) -> GraphReport:
     report.indicator_used = requirements.indicator
     try:
         run_stages(state, CUT)
-        part = state.partition
-        report.node_counts = {"head": len(part.head), "cached": len(part.cached), "after": len(part.after)}
-        report.cut = part.span
-        if part.indicator_base is not None:
-            report.indicators[requirements.indicator] = f"{part.indicator.name} - {part.indicator_base.name}"
+        partition = state.partition
+        report.node_counts = {"head": len(partition.head), "cached": len(partition.cached),
+                              "after": len(partition.after)}
+        report.cut = partition.span
+        if partition.indicator_base is not None:
+            base = partition.indicator_base
+            report.indicators[requirements.indicator] = f"{partition.indicator.name} - {base.name}"
     except UnsupportedStructure as exc:
         report.caching, report.reason = False, str(exc)
-        report.node_counts = {"head": len(structure.head), "body": len(structure.body), "tail": len(structure.tail)}
+        report.node_counts = {"prologue": len(structure.prologue), "body": len(structure.body),
+                              "epilogue": len(structure.epilogue)}
     return report
 
 

@@ -8,12 +8,13 @@
 * The ``debug_dir`` option: per graph the backend compiles, a folder ``graph-NNN-<Model>`` (numbered
   after the folders already there) holding ``input.py`` (the graph Dynamo handed over), ``head.py``,
   ``compute.py``, ``reuse.py`` (the variants; ``reuse.py`` only for a policy that reuses), ``regions.txt``
-  (per node, in graph order: the region it went to, ``head`` / ``cached`` / ``after`` / ``tail``, or
-  ``head`` / ``body`` / ``tail`` when no cut was made, its op, target, block and role) and
+  (per node, in graph order: the region it went to, the partition's ``head`` / ``cached`` / ``after``
+  with ``epilogue`` for what runs after the block stack, or the analysis' ``prologue`` / ``body`` /
+  ``epilogue`` when no cut was made, its op, target, block and role) and
   ``stages.txt`` (each stage's time and outcome, and whether caching is on or why not).
 
 Code is ``GraphModule.code``: the Python torch.fx generates for the graph, node names as in
-``regions.txt``.
+``regions.txt``; the nodes the variants add are named ``cp_...`` (:mod:`cachepass.transform.variants`).
 """
 
 from __future__ import annotations
@@ -108,54 +109,56 @@ def _roles(state: "PassState") -> dict[fx.Node, list[str]]:
         add(state.timestep_input, "timestep")
     for name, node in state.indicators.items():
         add(node, f"indicator {name}")
-    p = state.partition
-    if p is not None:
-        if p.indicator is not None:
-            add(p.indicator, "decision indicator" + (" (minus its base)" if p.indicator_base is not None else ""))
-        if p.indicator_base is not None:
-            add(p.indicator_base, "indicator base")
-        for start, end in p.pairs:
+    partition = state.partition
+    if partition is not None:
+        if partition.indicator is not None:
+            minus = " (minus its base)" if partition.indicator_base is not None else ""
+            add(partition.indicator, "decision indicator" + minus)
+        if partition.indicator_base is not None:
+            add(partition.indicator_base, "indicator base")
+        for start, end in partition.pairs:
             add(start, "residual start")
             add(end, "residual end")
-        for node in p.features:
+        for node in partition.part_outputs:
             add(node, "cached part output")
-        for node in p.predicted:
+        for node in partition.predicted:
             add(node, "predicted (reuse drops it)")
         names = state.requirements.observe if state.requirements is not None else ()
-        for name, node in zip(names, p.observed):
+        for name, node in zip(names, partition.observed):
             add(node, f"observed {name}")
-        for node in p.exported:
+        for node in partition.exported:
             add(node, "exported by the head")
     return roles
 
 
 def regions_text(state: "PassState", title: str | None = None) -> str:
     """Per node, in graph order: region, name, op, target, block, roles; a header saying where the cut
-    fell. Regions: ``head`` / ``cached`` / ``after`` / ``tail`` once partitioned, else the analysis'
-    ``head`` / ``body`` / ``tail``; placeholders are ``input``, the output node ``output``."""
+    fell. Regions: the partition's ``head`` / ``cached`` / ``after``, with the structure's ``epilogue``
+    (after the block stack) told apart from ``after``, once partitioned; else the analysis' ``prologue`` /
+    ``body`` / ``epilogue``; placeholders are ``input``, the output node ``output``."""
     nodes = list(state.gm.graph.nodes)
     blocks = {n: b.module.qualified_name for s in state.stacks for b in s.blocks for n in b.nodes}
-    p = state.partition
+    partition = state.partition
     lines = [f"# {title}"] if title else []
     if state.stacks:
         for s in state.stacks:
             lines.append(f"# block stack: {len(s.blocks)} x {s.class_name} in {s.parent!r} "
                          f"({s.blocks[0].module.qualified_name} .. {s.blocks[-1].module.qualified_name})")
-    if p is not None:
+    if partition is not None:
         n = sum(len(s.blocks) for s in state.stacks)
-        a, b = p.span
-        tail = [x for x in p.after if x in state.tail]
-        lines.append(f"# cut: blocks [0, {a}) run in the head, [{a}, {b}) are cached, [{b}, {n}) and the tail "
+        a, b = partition.span
+        epilogue = [x for x in partition.after if x in state.epilogue]
+        lines.append(f"# cut: blocks [0, {a}) run in the head, [{a}, {b}) are cached, [{b}, {n}) and the epilogue "
                      "run after the decision")
-        lines.append(f"# nodes: head {len(p.head)}, cached {len(p.cached)}, after {len(p.after) - len(tail)}, "
-                     f"tail {len(tail)}")
-        if p.indicator is not None:
-            base = f" - {p.indicator_base.name}" if p.indicator_base is not None else ""
-            lines.append(f"# indicator: {p.indicator.name}{base}")
-        if p.pairs:
-            lines.append("# cache writes (stack): " + ", ".join(f"{e.name} - {s.name}" for s, e in p.pairs))
-        if p.features:
-            lines.append(f"# cache writes (block): {len(p.features)} part output(s)")
+        lines.append(f"# nodes: head {len(partition.head)}, cached {len(partition.cached)}, "
+                     f"after {len(partition.after) - len(epilogue)}, epilogue {len(epilogue)}")
+        if partition.indicator is not None:
+            base = f" - {partition.indicator_base.name}" if partition.indicator_base is not None else ""
+            lines.append(f"# indicator: {partition.indicator.name}{base}")
+        if partition.pairs:
+            lines.append("# cache writes (stack): " + ", ".join(f"{e.name} - {s.name}" for s, e in partition.pairs))
+        if partition.part_outputs:
+            lines.append(f"# cache writes (block): {len(partition.part_outputs)} part output(s)")
     elif state.body:
         lines.append(f"# no cut made ({state.error or 'the partition stage did not run'}); regions of the "
                      "analysis")
@@ -166,11 +169,11 @@ def regions_text(state: "PassState", title: str | None = None) -> str:
             region = "input"
         elif node.op == "output":
             region = "output"
-        elif p is not None:
-            region = ("head" if node in p.head else "cached" if node in p.cached
-                      else "tail" if node in state.tail else "after" if node in p.after else "?")
+        elif partition is not None:
+            region = ("head" if node in partition.head else "cached" if node in partition.cached
+                      else "epilogue" if node in state.epilogue else "after" if node in partition.after else "?")
         else:
-            region = "head" if node in state.head else "body" if node in state.body else "tail"
+            region = "prologue" if node in state.prologue else "body" if node in state.body else "epilogue"
         rows.append((region, node.name, node.op, _target(node), blocks.get(node, "-"),
                      "; ".join(roles.get(node, ())) or "-"))
     header = ("region", "node", "op", "target", "block", "role")

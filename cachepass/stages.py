@@ -4,13 +4,13 @@ Every stage is a function ``stage(state) -> None`` on a :class:`PassState`: it r
 before it left on the state and adds its own result; the analysis stages never change the graph.
 
 * ``block_stack``: ``stacks``, the repeated blocks; with the root module known, the whole list
-* ``regions``: the ``head`` / ``body`` / ``tail`` node sets
+* ``regions``: the ``prologue`` / ``body`` / ``epilogue`` node sets
 * ``checks``: ``dataflow`` (networkx graph); the body is convex and writes into nothing made outside it
 * ``residual_stream``: ``stream`` (in/out pairs), ``side_inputs``, ``stream_sources``
 * ``timestep``: ``timestep_input``, ``timestep_embedding``
 * ``indicators``: ``indicators``, then the :class:`DenoiserStructure` (``structure``)
 * ``partition``: ``partition``, the head / cached / after spans, indicator, residual pairs
-* ``block_parts``: ``block_parts`` and the partition's features (granularity ``block`` only)
+* ``block_parts``: ``block_parts`` and the partition's ``part_outputs`` (granularity ``block`` only)
 * ``features``: the partition's ``observed`` tensors (``Requirements.observe``)
 * ``exports``: the partition's ``exported`` head values
 * ``variants``: ``variants``, the head, compute and reuse graphs
@@ -80,9 +80,9 @@ class PassState:
     inductor_mode: str | None = None
     # analysis
     stacks: list[BlockStack] = field(default_factory=list)
-    head: set[fx.Node] = field(default_factory=set)
+    prologue: set[fx.Node] = field(default_factory=set)
     body: set[fx.Node] = field(default_factory=set)
-    tail: set[fx.Node] = field(default_factory=set)
+    epilogue: set[fx.Node] = field(default_factory=set)
     dataflow: nx.DiGraph | None = None
     first_block: list[fx.Node] = field(default_factory=list)  # block 0's body nodes, graph order
     stream: list[StreamTensor] = field(default_factory=list)
@@ -125,8 +125,8 @@ def block_stack(state: PassState) -> None:
 
 
 def regions(state: PassState) -> None:
-    """Head / body / tail node sets (``analysis/structure.py``)."""
-    state.head, state.body, state.tail = split_regions(state.gm, state.stacks)
+    """Prologue / body / epilogue node sets (``analysis/structure.py``)."""
+    state.prologue, state.body, state.epilogue = split_regions(state.gm, state.stacks)
 
 
 def checks(state: PassState) -> None:
@@ -159,7 +159,7 @@ def indicators(state: PassState) -> None:
     found = find_indicators(state.dataflow, state.first_block, state.stream, state.timestep_embedding)
     state.indicators = found
     state.structure = DenoiserStructure(
-        gm=state.gm, stacks=state.stacks, head=state.head, body=state.body, tail=state.tail,
+        gm=state.gm, stacks=state.stacks, prologue=state.prologue, body=state.body, epilogue=state.epilogue,
         stream=state.stream, side_inputs=state.side_inputs, timestep_input=state.timestep_input,
         indicators=found, dataflow=state.dataflow,
     )
@@ -215,7 +215,7 @@ def _stacks(s: PassState) -> str:
 
 
 def _regions(s: PassState) -> str:
-    return f"head {len(s.head)} / body {len(s.body)} / tail {len(s.tail)} nodes"
+    return f"prologue {len(s.prologue)} / body {len(s.body)} / epilogue {len(s.epilogue)} nodes"
 
 
 def _checks(s: PassState) -> str:
@@ -237,17 +237,18 @@ def _indicators(s: PassState) -> str:
 
 
 def _partition(s: PassState) -> str:
-    p, n = s.partition, len(s.structure.blocks)
-    a, b = p.span
-    return (f"blocks [0, {a}) head, [{a}, {b}) cached, [{b}, {n}) after; head {len(p.head)} / cached "
-            f"{len(p.cached)} / after {len(p.after)} nodes; indicator "
-            f"{p.indicator.name if p.indicator is not None else None}; {len(p.pairs)} residual pair(s)")
+    partition, n = s.partition, len(s.structure.blocks)
+    a, b = partition.span
+    indicator = partition.indicator
+    return (f"blocks [0, {a}) head, [{a}, {b}) cached, [{b}, {n}) after; head {len(partition.head)} / cached "
+            f"{len(partition.cached)} / after {len(partition.after)} nodes; indicator "
+            f"{indicator.name if indicator is not None else None}; {len(partition.pairs)} residual pair(s)")
 
 
 def _block_parts(s: PassState) -> str:
     if _requirements(s).reconstruction.granularity != "block":
         return "granularity 'stack': none needed"
-    return f"{len(s.block_parts)} part(s), {len(s.partition.features)} cached output(s)"
+    return f"{len(s.block_parts)} part(s), {len(s.partition.part_outputs)} cached output(s)"
 
 
 def _features(s: PassState) -> str:

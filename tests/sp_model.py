@@ -174,7 +174,7 @@ def run_policy(policy: str, options: dict, group=None, seed: int = 0, churn: flo
             pass
     stats = cachepass.stats(model)
     return {"decisions": decisions.decisions, "x": x, "fallback": stats.fallback_reason,
-            "computed_steps": stats.streams[0].computed_steps if stats.streams else None}
+            "computed_steps": stats.branches[0].computed_steps if stats.branches else None}
 
 
 def shard_statistics(group) -> dict:

@@ -38,7 +38,7 @@ def test_wan_structure():
     # the modulated input is inside block 0 and depends on the stream and on the timestep embedding
     assert s.indicators["modulated_input"] in s.blocks[0].nodes
     assert is_convex(s.dataflow, s.body)
-    assert not (s.head & s.body) and not (s.body & s.tail)
+    assert not (s.prologue & s.body) and not (s.body & s.epilogue)
 
 
 def test_flux_consecutive_stacks():

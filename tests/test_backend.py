@@ -19,11 +19,11 @@ def compiled(model, **options):
     return torch.compile(model, backend="cachepass", options=options)
 
 
-def run_schedule(model, inputs, schedule=SCHEDULE, streams=1):
+def run_schedule(model, inputs, schedule=SCHEDULE, branches=1):
     outs = []
     with torch.no_grad():
         for t in schedule:
-            for _ in range(streams):
+            for _ in range(branches):
                 outs.append(model(timestep=torch.tensor([t]), **inputs)[0])
     return outs
 
@@ -61,25 +61,25 @@ def test_interval_skips_blocks_and_stays_close():
     # 3 blocks x (self + cross attention) when computed, none when reused
     assert attention_per_call == [6, 0, 0, 6, 0, 0, 6, 0]
     stats = cachepass.stats(fast)
-    assert [s.computed_steps for s in stats.streams] == [[0, 3, 6]]
-    assert [s.reused_steps for s in stats.streams] == [[1, 2, 4, 5, 7]]
+    assert [s.computed_steps for s in stats.branches] == [[0, 3, 6]]
+    assert [s.reused_steps for s in stats.branches] == [[1, 2, 4, 5, 7]]
     cachepass.reset(fast)
     out = run_schedule(fast, inputs)
     assert all(relative_l1(o, r) < 0.25 for o, r in zip(out, ref))
     assert relative_l1(out[0], ref[0]) < 1e-6  # computed steps are exact
 
 
-def test_streams_generations_and_reset():
+def test_branches_generations_and_reset():
     model, inputs = tiny_wan(), wan_inputs()
     fast = compiled(model, policy="interval", interval=2)
-    first = run_schedule(fast, inputs, streams=2)
-    second = run_schedule(fast, inputs, streams=2)  # the schedule restarts: a new generation
+    first = run_schedule(fast, inputs, branches=2)
+    second = run_schedule(fast, inputs, branches=2)  # the schedule restarts: a new generation
     stats = cachepass.stats(fast)
     assert stats.generations == 2
     # a raw loop gives no branch names: the second call at 999 may be a new request at the same timestep,
-    # so step 1's first call computes (and starts stream 0 afresh) until step 1 shows two calls as well
+    # so step 1's first call computes (and starts branch 0 afresh) until step 1 shows two calls as well
     expected = [[0, 1, 2, 4, 6], [0, 2, 4, 6]]
-    assert [s.computed_steps for s in stats.streams] == expected
+    assert [s.computed_steps for s in stats.branches] == expected
     assert [[s.computed_steps for s in gen] for gen in stats.history] == [expected]
     for a, b in zip(first, second):
         assert torch.equal(a, b)  # a reused model behaves identically each generation
@@ -87,7 +87,34 @@ def test_streams_generations_and_reset():
     run_schedule(fast, inputs, SCHEDULE[:3])
     cachepass.reset(fast)
     run_schedule(fast, inputs, SCHEDULE[3:5])
-    assert cachepass.stats(fast).streams[0].computed_steps == [0]
+    assert cachepass.stats(fast).branches[0].computed_steps == [0]
+
+
+def test_old_stats_names_still_work_and_warn():
+    """``Stats.streams``, ``StreamStats`` and a branch's old field names ``stream`` / ``branch``: deprecated
+    aliases of ``Stats.branches``, ``BranchStats``, ``BranchStats.index`` / ``.name``, each warning at the
+    caller's line."""
+    from cachepass.runtime import state
+
+    model, inputs = tiny_wan(num_layers=2), wan_inputs()
+    fast = compiled(model, policy="interval", interval=2)
+    run_schedule(fast, inputs, SCHEDULE[:3], branches=2)
+    stats = cachepass.stats(fast)
+    with pytest.warns(DeprecationWarning, match="Stats.streams is deprecated; use Stats.branches") as caught:
+        assert stats.streams == stats.branches and len(stats.branches) == 2
+    assert caught[0].filename == __file__
+    branch = stats.branches[1]
+    with pytest.warns(DeprecationWarning, match="BranchStats.stream is deprecated; use BranchStats.index") as caught:
+        assert branch.stream == branch.index == 1
+    assert caught[0].filename == __file__
+    with pytest.warns(DeprecationWarning, match="BranchStats.branch is deprecated; use BranchStats.name"):
+        assert branch.branch == branch.name == 1  # a raw loop: the call's rank within its step
+    with pytest.warns(DeprecationWarning, match="StreamStats is deprecated; use .*BranchStats") as caught:
+        from cachepass.runtime.state import StreamStats
+    assert caught[0].filename == __file__
+    assert StreamStats is state.BranchStats
+    with pytest.raises(AttributeError, match="no attribute 'NoSuchStats'"):
+        state.NoSuchStats  # noqa: B018
 
 
 def test_a_new_shape_never_reads_the_cache_of_another():

@@ -16,7 +16,7 @@ from cachepass.analysis.block_parts import find_block_parts, is_matrix_op
 from cachepass.analysis.structure import analyse
 from cachepass.options import parse_options
 from cachepass.transform.compile import compile_piece
-from cachepass.transform.partition import partition
+from cachepass.transform.partition import partition as make_partition
 from cachepass.transform.variants import build_variants
 
 
@@ -49,8 +49,8 @@ def plain_case():
 def variants_for(gm, granularity: str, order: int = 1):
     structure = analyse(gm)
     requirements = parse_options({"policy": "taylorseer", "order": order, "granularity": granularity}).policy.requirements()
-    part = partition(structure, requirements)
-    return structure, part, requirements, build_variants(gm, structure, part, requirements)
+    partition = make_partition(structure, requirements)
+    return structure, partition, requirements, build_variants(gm, structure, partition, requirements)
 
 
 def matrix_ops(gm) -> int:
@@ -80,12 +80,12 @@ def test_flux_modulation_is_recomputed_and_unneeded_outputs_are_not_cached():
 
 @pytest.mark.parametrize("case", [wan_case, flux_case, plain_case], ids=["wan", "flux", "plain-dit"])
 def test_block_reuse_at_a_computed_step_equals_the_compute_variant(case):
-    """With the features of this very step in the cache (k = 0), the reuse variant recomputes the glue
+    """With the part outputs of this very step in the cache (k = 0), the reuse variant recomputes the glue
     around predicted parts and must land on the compute variant's outputs; it runs no attention and no
-    matrix work except modulation (which reads only the timestep) and the tail."""
+    matrix work except modulation (which reads only the timestep) and the epilogue."""
     gm, example_inputs = case()
-    _, part, requirements, variants = variants_for(gm, "block", order=2)
-    assert variants.num_cache_writes == len(part.features) > 0
+    _, partition, requirements, variants = variants_for(gm, "block", order=2)
+    assert variants.num_cache_writes == len(partition.part_outputs) > 0
     head, compute, reuse = (compile_piece(getattr(variants, name), example_inputs, "eager")
                             for name in ("head", "compute", "reuse"))
     with torch.no_grad():
@@ -118,13 +118,13 @@ def test_block_granularity_end_to_end_skips_attention_and_caches_every_part():
         call(999)  # compiles
         assert count_attention_calls(lambda: call(950)) == 0  # step 1 reused
         assert count_attention_calls(lambda: call(999)) == 6  # a new generation's step 0: 3 blocks x 2
-        feature_bytes = 1 * 32 * 16 * 4  # (batch, tokens, width) float32
-        assert cachepass.stats(compiled).streams[0].cache_bytes == (3 * 3) * feature_bytes  # D_0 of 9 parts
+        output_bytes = 1 * 32 * 16 * 4  # a part output: (batch, tokens, width) float32
+        assert cachepass.stats(compiled).branches[0].cache_bytes == (3 * 3) * output_bytes  # D_0 of 9 parts
         for t in (950, 900, 850, 800):
             call(t)
-    stream = cachepass.stats(compiled).streams[0]
-    assert (stream.computed_steps, stream.reused_steps) == ([0, 4], [1, 2, 3])
-    assert stream.cache_bytes == 2 * (3 * 3) * feature_bytes  # order + 1 tensors per part
+    branch = cachepass.stats(compiled).branches[0]
+    assert (branch.computed_steps, branch.reused_steps) == ([0, 4], [1, 2, 3])
+    assert branch.cache_bytes == 2 * (3 * 3) * output_bytes  # order + 1 tensors per part
 
 
 class ElementwiseBlock(nn.Module):

@@ -30,12 +30,12 @@ from cachepass.policies.magcache import nearest_resample
 KNOWN = (30.0, -12.0, 2.5, 0.4, 0.01)  # numpy.poly1d order
 
 
-def synthetic_recording(steps=50, streams=2, generations=2, seed=0, poly=KNOWN) -> Recording:
+def synthetic_recording(steps=50, branches=2, generations=2, seed=0, poly=KNOWN) -> Recording:
     """Trajectories whose one-step reuse error is exactly ``poly(indicator change)``; longer spans add up."""
     rng = random.Random(seed)
     trajs = []
     for g in range(generations):
-        for s in range(streams):
+        for s in range(branches):
             x = [math.nan] + [rng.uniform(0.01, 0.2) for _ in range(steps - 1)]
             step_err = [0.0] + [float(np.polyval(poly, v)) for v in x[1:]]
             reuse = {(t0, t): sum(step_err[t0 + 1:t + 1]) for t in range(steps) for t0 in range(max(0, t - 8), t)}
@@ -61,7 +61,7 @@ def test_fit_degree_is_selectable_and_reports_a_worse_fit_when_too_low():
 
 
 def test_reuse_error_beyond_the_window_is_a_triangle_bound():
-    traj = synthetic_recording(generations=1, streams=1).trajectories[0]
+    traj = synthetic_recording(generations=1, branches=1).trajectories[0]
     assert traj.reuse_error(0, 20) == pytest.approx(traj.reuse_error(0, 8) + traj.reuse_error(8, 16)
                                                     + traj.reuse_error(16, 20))
 
@@ -83,13 +83,13 @@ def test_threshold_meets_the_compute_budget_exactly(policy):
     fewest = search.count(math.inf)
     for steps in range(fewest, 40, 2):
         chosen = search.for_steps(steps)
-        assert chosen.max_computed == steps, (steps, chosen.computed_per_stream())
+        assert chosen.max_computed == steps, (steps, chosen.computed_per_branch())
         assert search.replay(chosen.threshold).computed == chosen.computed
 
 
 def test_threshold_replay_is_the_policy_itself():
     """The replayed schedule equals what TeaCachePolicy decides on the same indicator values."""
-    rec = synthetic_recording(generations=1, streams=1)
+    rec = synthetic_recording(generations=1, branches=1)
     search, fixed, _ = _search("teacache", rec, "timestep_embedding", 4, {})
     chosen = search.for_steps(15)
     policy = parse_options({"policy": "teacache", "threshold": chosen.threshold, **fixed}).policy
@@ -135,6 +135,47 @@ def test_profile_round_trip_sets_the_policy_options(tmp_path):
     assert (c.threshold, c.indicator, c.coefficients, c.ret_steps) == (0.1, "timestep_embedding", [1.0, 0.0], False)
     assert list(policy.poly.coeffs) == [1.0, 0.0]
     assert parse_options({"policy": "teacache", "profile": str(path), "threshold": 0.3}).policy.config.threshold == 0.3
+
+
+def test_calibrate_writes_branches_and_an_old_profile_still_loads(tmp_path):
+    """A profile's report counts the recorded cond / uncond branches as ``recording.branches``; a profile
+    written before that name (``recording.streams``) still loads, its report under the new key."""
+    profile = cachepass.calibrate(None, torch.nn.Linear(1, 1), policy="magcache", target_steps=20,
+                                  recording=synthetic_recording(), check=False)
+    assert profile.report["recording"] == {"generations": 2, "branches": 2, "window": 8}
+    old = json.loads(json.dumps(profile.to_dict()))
+    old["report"]["recording"] = {"generations": 2, "streams": 2, "window": 8}  # what calibrate() wrote before
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    loaded = Profile.load(path)
+    assert loaded.report["recording"] == {"generations": 2, "branches": 2, "window": 8}
+    assert loaded.options == profile.options and loaded.num_steps == profile.num_steps == 50
+    policy = parse_options({"policy": "magcache", "profile": str(path)}).policy
+    assert policy.config.mag_ratios == profile.options["mag_ratios"]
+    assert Profile.load(profile.save(tmp_path / "new.json")).report == profile.report
+
+
+def test_old_calibration_names_still_work_and_warn():
+    """``Trajectory.stream`` (and ``stream=``), ``Recording.streams``, ``Replay.streams`` and
+    ``Replay.computed_per_stream()``: deprecated aliases that warn at the caller's line."""
+    rec = synthetic_recording()
+    with pytest.warns(DeprecationWarning, match="Recording.streams is deprecated; use Recording.num_branches") \
+            as caught:
+        assert rec.streams == rec.num_branches == 2
+    assert caught[0].filename == __file__
+    traj = rec.trajectories[1]
+    with pytest.warns(DeprecationWarning, match="Trajectory.stream is deprecated; use Trajectory.branch_index"):
+        assert traj.stream == traj.branch_index == 1
+    with pytest.warns(DeprecationWarning, match=r"Trajectory\(stream=...\) is deprecated") as caught:
+        assert Trajectory(0, stream=1, window=8).branch_index == 1
+    assert caught[0].filename == __file__
+    search, _, _ = _search("teacache", rec, "timestep_embedding", 4, {})
+    replay = search.for_steps(20)
+    with pytest.warns(DeprecationWarning, match="Replay.streams is deprecated; use Replay.branch_indices"):
+        assert replay.streams == replay.branch_indices == [0, 1, 0, 1]
+    with pytest.warns(DeprecationWarning, match=r"Replay.computed_per_stream\(\) is deprecated") as caught:
+        assert replay.computed_per_stream() == replay.computed_per_branch() and replay.max_computed == 20
+    assert caught[0].filename == __file__
 
 
 def test_customcache_reads_a_teacache_profile_but_keeps_its_threshold(tmp_path):
@@ -201,9 +242,9 @@ def test_fingerprint_tells_architectures_apart_not_weights():
 
 # --- magcache -------------------------------------------------------------------------------------
 
-def magcache_decisions(policy, steps, num_steps=None, stream=0):
+def magcache_decisions(policy, steps, num_steps=None, branch_index=0):
     state = policy.new_state()
-    return [policy.decide(state, CallContext(0, s, stream, num_steps, None), None) for s in range(steps)]
+    return [policy.decide(state, CallContext(0, s, branch_index, num_steps, None), None) for s in range(steps)]
 
 
 def test_magcache_accumulates_ratio_error_and_limits_skips():
@@ -228,7 +269,7 @@ def test_magcache_profile_and_step_count_warning(tmp_path, caplog):
     assert any("calibrated for 4 steps but this generation has 8" in r.getMessage() for r in caplog.records)
     assert nearest_resample([1, 2, 3, 4], 7) == [1, 1, 2, 3, 3, 3, 4]  # round half to even, as np.round
     data["options"]["mag_ratios"] = [[1.0, 0.9]]
-    with pytest.raises(ValueError, match="2 ratios per stream for num_steps=4"):
+    with pytest.raises(ValueError, match="2 ratios per branch for num_steps=4"):
         Profile.from_dict(data)
 
 
@@ -271,8 +312,8 @@ def test_teacache_profile_for_another_step_count_warns_once(tmp_path, caplog):
     path = Profile.from_dict(teacache_profile()).save(tmp_path / "p.json")
     policy = parse_options({"policy": "teacache", "profile": str(path)}).policy
     with caplog.at_level(logging.WARNING, logger="cachepass"):
-        for stream in (0, 1):
-            policy.decide(policy.new_state(), CallContext(0, 0, stream, 30, None), torch.ones(2))
+        for branch in (0, 1):
+            policy.decide(policy.new_state(), CallContext(0, 0, branch, 30, None), torch.ones(2))
         policy.decide(policy.new_state(), CallContext(0, 0, 0, 50, None), torch.ones(2))
     warned = [r for r in caplog.records if "calibrated at 50 steps but the model runs 30" in r.getMessage()]
     assert len(warned) == 1
@@ -385,18 +426,18 @@ def test_profile_step_count_warning_once_across_loads(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="cachepass"):
         for _ in range(2):  # e.g. two graphs of one model, each with its own parsed options
             policy = parse_options({"policy": "teacache", "profile": str(path)}).policy
-            for stream in (0, 1):
-                policy.decide(policy.new_state(), CallContext(0, 0, stream, 30, None), torch.ones(2))
+            for branch in (0, 1):
+                policy.decide(policy.new_state(), CallContext(0, 0, branch, 30, None), torch.ones(2))
     assert sum("calibrated at 50 steps but the model runs 30" in r.getMessage() for r in caplog.records) == 1
 
 
-def test_magcache_resample_warning_once_not_per_stream(caplog):
+def test_magcache_resample_warning_once_not_per_branch(caplog):
     options = {"policy": "magcache", "mag_ratios": [[1.0, 0.9, 0.9, 0.9], [1.0, 0.9, 0.9, 0.9]]}
     with caplog.at_level(logging.DEBUG, logger="cachepass"):
         for _ in range(2):  # two policy instances (two graphs) with the same ratios
             policy = parse_options(options).policy
-            for stream in (0, 1):
-                magcache_decisions(policy, 8, num_steps=8, stream=stream)
+            for branch in (0, 1):
+                magcache_decisions(policy, 8, num_steps=8, branch_index=branch)
     said = [r for r in caplog.records if "calibrated for 4 steps but this generation has 8" in r.getMessage()]
     assert [r.levelno for r in said][:1] == [logging.WARNING]
     assert sum(r.levelno == logging.WARNING for r in said) == 1 and len(said) > 1

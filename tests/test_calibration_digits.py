@@ -2,7 +2,7 @@
 
 Stated claims: a calibrated TeaCache beats the uncalibrated default (Wan2.1 T2V 1.3B preset
 coefficients, threshold 0.2) in PSNR at the same computed steps; a compute target is hit within one
-computed step per stream in a real cached generation (here exactly, as the replay predicts).
+computed step per branch in a real cached generation (here exactly, as the replay predicts).
 """
 
 import pytest
@@ -34,7 +34,7 @@ def cached(digits, options):
     try:
         with torch.no_grad():
             out = run()
-        return [len(s.computed_steps) for s in cachepass.stats(pipe.transformer).streams], out
+        return [len(s.computed_steps) for s in cachepass.stats(pipe.transformer).branches], out
     finally:
         pipe.transformer = model
 

@@ -16,7 +16,7 @@ def test_demo_table_and_outputs(tmp_path):
         assert len(row.computed) == 2 and all(c < 8 for c in row.computed)  # cond and uncond both skip
         assert row.psnr > 15 and row.rel_l1 < 0.5
     table = format_table(rows)
-    assert "computed/stream" in table and "PSNR dB" in table and "interval" in table
+    assert "computed/branch" in table and "PSNR dB" in table and "interval" in table
     assert (tmp_path / "demo.gif").stat().st_size > 0 and (tmp_path / "steps.png").stat().st_size > 0
     assert any(line.startswith("[1/3]") for line in lines)  # progress is shown
 

@@ -219,6 +219,6 @@ def test_decisions_are_logged_at_debug_level(caplog):
     with caplog.at_level(logging.DEBUG, logger=sp_model.PROGRAM_LOGGER):
         run = sp_model.run_policy("interval", {"interval": 3})
     lines = [r.getMessage() for r in caplog.records if r.name == sp_model.PROGRAM_LOGGER]
-    assert lines[:2] == ["cachepass: generation 0 step 0 stream 0: compute",
-                         "cachepass: generation 0 step 1 stream 0: reuse"]
+    assert lines[:2] == ["cachepass: generation 0 step 0 branch 0: compute",
+                         "cachepass: generation 0 step 1 branch 0: reuse"]
     assert run["decisions"] == [step % 3 == 0 for step in range(sp_model.STEPS)]

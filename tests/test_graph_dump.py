@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
+import re
 
 import pytest
 import torch
@@ -54,26 +55,69 @@ def test_debug_dir_writes_the_graphs_and_the_regions(tmp_path):
         "compute.py", "head.py", "input.py", "regions.txt", "reuse.py", "stages.txt"]
     code = {name: (folder / f"{name}.py").read_text() for name in ("input", "head", "compute", "reuse")}
     table = regions(folder)
-    assert set(table) == {"input", "head", "cached", "after", "tail", "output"}
+    assert set(table) == {"input", "head", "cached", "after", "epilogue", "output"}
     for region, names in table.items():  # every node is one of the input graph's
         for name in names:
             assert name in code["input"], (region, name)
     for name in table["head"]:  # the head graph computes the head; compute and reuse do not
         assert defines(code["head"], name) and defines(code["input"], name)
         assert not defines(code["compute"], name)
-        if defines(code["reuse"], name):  # only a node the reuse variant adds may take a head node's name
-            assert "head_" in definition(code["reuse"], name), definition(code["reuse"], name)
+        assert not defines(code["reuse"], name)  # the nodes a variant adds are named cp_..., never a head node's
     for name in table["cached"]:  # the cached blocks run in compute only
         assert defines(code["compute"], name) and not defines(code["reuse"], name), name
-    for name in table["after"] + table["tail"]:  # what runs after the decision runs in both variants
+    for name in table["after"] + table["epilogue"]:  # what runs after the decision runs in both variants
         assert defines(code["compute"], name) and defines(code["reuse"], name), name
     text = (folder / "regions.txt").read_text()
-    assert "# cut: blocks [0, 2) run in the head, [2, 3) are cached, [3, 4) and the tail run after" in text
+    assert "# cut: blocks [0, 2) run in the head, [2, 3) are cached, [3, 4) and the epilogue run after" in text
     assert "layers.1" in text and "layers.2" in text
     summary = (folder / "stages.txt").read_text()
     for stage in ("block_stack", "partition", "variants", "compile"):
         assert f"\n{stage} " in summary and f"{stage}" in summary
     assert summary.rstrip().endswith("caching: on")
+
+
+def _statements(code: str) -> tuple[list[str], dict[str, str]]:
+    """A graph's code: the forward's parameters, and per name defined its statement's right-hand side."""
+    params = re.search(r"def forward\(self, (.*)\):", code).group(1)
+    args = [a.split(":")[0].strip() for a in params.split(", ")]
+    defined = {}
+    for line in code.splitlines():
+        match = re.match(r"    (\w+) = (.*)$", line)
+        if match and match.group(1) not in defined:
+            defined[match.group(1)] = match.group(2).split(";  ")[0]
+    return args, defined
+
+
+@pytest.mark.parametrize("options", [{"policy": "dbcache", "Fn": 2, "Bn": 1},
+                                     {"policy": "taylorseer", "granularity": "block"}], ids=["stack", "block"])
+def test_added_nodes_never_take_an_original_name(tmp_path, options):
+    """In the dumps a name means one node: a node the variants (or the reconstruction) add is named
+    ``cp_...``, and a name the input graph has stands for the same computation in every variant."""
+    model, x, t = plain()
+    compile_and_run(model, x, t, debug_dir=tmp_path, **options)
+    (folder,) = tmp_path.iterdir()
+    args, original = _statements((folder / "input.py").read_text())
+    added = set()
+    for name in ("head", "compute", "reuse"):
+        params, defined = _statements((folder / f"{name}.py").read_text())
+        assert params[:len(args)] == args and all(p.startswith("cp_") for p in params[len(args):]), name
+        values = set(original) | set(defined) | set(params) | set(args)
+
+        def shape(rhs: str, values=values) -> str:  # the statement with every value name blanked
+            return re.sub(r"\b\w+\b", lambda m: "_" if m.group(0) in values else m.group(0), rhs)
+
+        for node, rhs in defined.items():
+            if node.startswith("cp_"):
+                assert node not in original, (name, node)
+                added.add(node)
+            else:
+                assert node in original and shape(rhs) == shape(original[node]), (name, node, rhs, original[node])
+    assert added, "the variants add nodes (a residual, a prediction, Taylor terms)"
+    if options["policy"] == "dbcache":
+        assert {"cp_front_residual"} < added and any(n.startswith("cp_residual_") for n in added)
+        assert any(n.startswith("cp_reuse_") for n in added)
+    else:
+        assert any(n.startswith("cp_taylor_") for n in added)
 
 
 def test_each_graph_gets_the_next_number(tmp_path):

@@ -20,5 +20,5 @@ def test_inductor_variants_match_eager_variants():
             a = eager(timestep=torch.tensor([t]), **inputs)[0]
             b = fast(timestep=torch.tensor([t]), **inputs)[0]
             assert relative_l1(b, a) < 1e-4
-    assert cachepass.stats(fast).streams[0].computed_steps == [0, 2, 4]
+    assert cachepass.stats(fast).branches[0].computed_steps == [0, 2, 4]
     assert not torch._dynamo.utils.counters["graph_break"]  # cachepass adds no graph break

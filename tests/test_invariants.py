@@ -21,7 +21,7 @@ from cachepass.policies.base import Requirements
 from cachepass.reconstruction import ResidualReuse, ReuseCache, TaylorReuse, check_cache_layout
 from cachepass.transform import variants as variants_module
 from cachepass.transform.invariants import check_partition, check_variants
-from cachepass.transform.partition import partition
+from cachepass.transform.partition import partition as make_partition
 from cachepass.transform.variants import build_variants
 
 STACK = Requirements()
@@ -37,7 +37,7 @@ def raises(fn, *args) -> str:
 def cut(requirements=STACK, **model):
     _, gm = tiny_graph(**model)
     structure = analyse(gm)
-    return gm, structure, partition(structure, requirements)
+    return gm, structure, make_partition(structure, requirements)
 
 
 def ordered(structure, nodes):
@@ -48,154 +48,155 @@ def test_real_partitions_and_variants_pass():
     for requirements in (STACK, BLOCK, Requirements(compute_first=1, compute_last=1, indicator="front_residual"),
                          Requirements(indicator="modulated_input", reconstruction=TaylorReuse(order=2)),
                          Requirements(reuses=False)):
-        gm, structure, part = cut(requirements)
-        assert check_partition(structure, part) is part
-        variants = build_variants(gm, structure, part, requirements)
-        check_variants(gm, part, requirements, variants)
+        gm, structure, partition = cut(requirements)
+        assert check_partition(structure, partition) is partition
+        variants = build_variants(gm, structure, partition, requirements)
+        check_variants(gm, partition, requirements, variants)
 
 
 # --- the partition -----------------------------------------------------------------------------------
 
 def test_a_node_in_two_regions():
-    _, structure, part = cut()
-    node = ordered(structure, part.cached)[0]
-    message = raises(check_partition, structure, dataclasses.replace(part, head=part.head | {node}))
+    _, structure, partition = cut()
+    node = ordered(structure, partition.cached)[0]
+    message = raises(check_partition, structure, dataclasses.replace(partition, head=partition.head | {node}))
     assert f"node(s) {node.name!r} are both in head and in cached" in message
 
 
 def test_a_node_in_no_region():
-    _, structure, part = cut()
-    node = ordered(structure, part.after)[-1]
-    message = raises(check_partition, structure, dataclasses.replace(part, after=part.after - {node}))
+    _, structure, partition = cut()
+    node = ordered(structure, partition.after)[-1]
+    message = raises(check_partition, structure, dataclasses.replace(partition, after=partition.after - {node}))
     assert f"node(s) {node.name!r} are in no region" in message
 
 
 def test_a_node_of_another_graph():
-    _, structure, part = cut()
+    _, structure, partition = cut()
     _, other, _ = cut()
     stranger = ordered(other, other.body)[0]
-    message = raises(check_partition, structure, dataclasses.replace(part, cached=part.cached | {stranger}))
+    message = raises(check_partition, structure, dataclasses.replace(partition, cached=partition.cached | {stranger}))
     assert f"{stranger.name!r} in its regions are not computations of this graph" in message
 
 
 def test_head_not_closed_under_ancestors():
-    _, structure, part = cut()
-    cat = next(n for n in ordered(structure, part.head) if n.target is torch.cat)  # the sinusoid, read by t_mlp
+    _, structure, partition = cut()
+    cat = next(n for n in ordered(structure, partition.head) if n.target is torch.cat)  # the sinusoid, read by t_mlp
     reader = next(iter(cat.users))
-    broken = dataclasses.replace(part, head=part.head - {cat}, cached=part.cached | {cat})
+    broken = dataclasses.replace(partition, head=partition.head - {cat}, cached=partition.cached | {cat})
     message = raises(check_partition, structure, broken)
     assert f"head node {reader.name!r} reads {cat.name!r}, which is in cached" in message
 
 
 def test_indicator_outside_the_head():
-    _, structure, part = cut(Requirements(indicator="modulated_input"))
-    assert part.indicator in part.head
-    node = ordered(structure, part.cached)[0]
-    message = raises(check_partition, structure, dataclasses.replace(part, indicator=node))
+    _, structure, partition = cut(Requirements(indicator="modulated_input"))
+    assert partition.indicator in partition.head
+    node = ordered(structure, partition.cached)[0]
+    message = raises(check_partition, structure, dataclasses.replace(partition, indicator=node))
     assert f"the indicator {node.name!r} is in cached" in message
-    _, structure, part = cut(Requirements(indicator="front_residual", compute_first=1))
-    node = ordered(structure, part.cached)[0]
-    message = raises(check_partition, structure, dataclasses.replace(part, indicator_base=node))
+    _, structure, partition = cut(Requirements(indicator="front_residual", compute_first=1))
+    node = ordered(structure, partition.cached)[0]
+    message = raises(check_partition, structure, dataclasses.replace(partition, indicator_base=node))
     assert f"the indicator base {node.name!r} is in cached" in message
 
 
 def test_exported_values():
-    _, structure, part = cut()
-    cached = ordered(structure, part.cached)[0]
-    message = raises(check_partition, structure, dataclasses.replace(part, exported=part.exported + [cached]))
+    _, structure, partition = cut()
+    cached = ordered(structure, partition.cached)[0]
+    message = raises(check_partition, structure, dataclasses.replace(partition, exported=partition.exported + [cached]))
     assert f"exported value(s) {cached.name!r} are not head values (in cached)" in message
 
-    first, *rest = part.exported
-    reader = next(u for u in first.users if u not in part.head)
-    message = raises(check_partition, structure, dataclasses.replace(part, exported=rest))
+    first, *rest = partition.exported
+    reader = next(u for u in first.users if u not in partition.head)
+    message = raises(check_partition, structure, dataclasses.replace(partition, exported=rest))
     assert f"head value {first.name!r} (read by {reader.name!r}) is not exported" in message
 
-    message = raises(check_partition, structure, dataclasses.replace(part, exported=part.exported + [first]))
+    message = raises(check_partition, structure, dataclasses.replace(partition, exported=partition.exported + [first]))
     assert f"value(s) {first.name!r} are exported twice" in message
-    message = raises(check_partition, structure, dataclasses.replace(part, exported=part.exported[::-1]))
+    message = raises(check_partition, structure, dataclasses.replace(partition, exported=partition.exported[::-1]))
     assert "are not in graph order" in message
 
 
 def test_observed_tensor_of_another_graph():
-    _, structure, part = cut()
+    _, structure, partition = cut()
     _, other, _ = cut()
     stranger = ordered(other, other.body)[0]
-    message = raises(check_partition, structure, dataclasses.replace(part, observed=[stranger]))
+    message = raises(check_partition, structure, dataclasses.replace(partition, observed=[stranger]))
     assert f"observed tensor {stranger.name!r} is not a value of this graph" in message
 
 
 def test_residual_pairs():
-    _, structure, part = cut(Requirements(compute_last=1))
-    (start, end), = part.pairs
+    _, structure, partition = cut(Requirements(compute_last=1))
+    (start, end), = partition.pairs
     c = structure.indicators["timestep_embedding"]  # (batch, width): not the stream's shape
-    message = raises(check_partition, structure, dataclasses.replace(part, pairs=[(c, end)]))
+    message = raises(check_partition, structure, dataclasses.replace(partition, pairs=[(c, end)]))
     assert f"residual pair ({c.name!r}, {end.name!r}): the two are not tensors of one shape" in message
 
-    message = raises(check_partition, structure, dataclasses.replace(part, pairs=[(end, start)]))
+    message = raises(check_partition, structure, dataclasses.replace(partition, pairs=[(end, start)]))
     assert f"{end.name!r} is not an ancestor of {start.name!r}" in message
 
-    inside = next(n for n in ordered(structure, part.cached)  # a cached stream value before the end
+    inside = next(n for n in ordered(structure, partition.cached)  # a cached stream value before the end
                   if n is not end and n.meta["example_value"].shape == end.meta["example_value"].shape)
-    message = raises(check_partition, structure, dataclasses.replace(part, pairs=[(inside, end)]))
+    message = raises(check_partition, structure, dataclasses.replace(partition, pairs=[(inside, end)]))
     assert f"residual pair ({inside.name!r}, {end.name!r}): the start is in cached" in message
 
     later = structure.stream[0].output  # the body's output: made by the block after the span
-    assert later in part.after
-    message = raises(check_partition, structure, dataclasses.replace(part, pairs=[(start, later)]))
+    assert later in partition.after
+    message = raises(check_partition, structure, dataclasses.replace(partition, pairs=[(start, later)]))
     assert f"residual pair ({start.name!r}, {later.name!r}): the end is in after" in message
 
-    message = raises(check_partition, structure, dataclasses.replace(part, pairs=[(start, end), (start, end)]))
+    message = raises(check_partition, structure, dataclasses.replace(partition, pairs=[(start, end), (start, end)]))
     assert f"{end.name!r} is the end of two residual pairs" in message
 
 
 def test_after_reads_only_what_a_reuse_call_has():
-    _, structure, part = cut(Requirements(compute_last=1))
-    (start, end), = part.pairs
-    reader = next(u for u in ordered(structure, end.users) if u in part.after)
-    message = raises(check_partition, structure, dataclasses.replace(part, pairs=[]))
+    _, structure, partition = cut(Requirements(compute_last=1))
+    (start, end), = partition.pairs
+    reader = next(u for u in ordered(structure, end.users) if u in partition.after)
+    message = raises(check_partition, structure, dataclasses.replace(partition, pairs=[]))
     assert f"{reader.name!r} after the cached blocks reads {end.name!r}, which is in cached" in message
 
 
-def test_block_features():
-    _, structure, part = cut(BLOCK)
-    feature = part.features[0]
-    broken = dataclasses.replace(part, predicted=part.predicted - {feature})
+def test_block_part_outputs():
+    _, structure, partition = cut(BLOCK)
+    output = partition.part_outputs[0]
+    broken = dataclasses.replace(partition, predicted=partition.predicted - {output})
     message = raises(check_partition, structure, broken)
-    assert f"cached feature(s) {feature.name!r} are not nodes of a predicted block part" in message
+    assert f"cached part output(s) {output.name!r} are not nodes of a predicted block part" in message
 
-    head_node = ordered(structure, part.head)[-1]
-    message = raises(check_partition, structure, dataclasses.replace(part, predicted=part.predicted | {head_node}))
+    head_node = ordered(structure, partition.head)[-1]
+    broken = dataclasses.replace(partition, predicted=partition.predicted | {head_node})
+    message = raises(check_partition, structure, broken)
     assert f"predicted node(s) {head_node.name!r} are not in the cached span (in head)" in message
 
-    feature.meta["example_value"], saved = 3, feature.meta["example_value"]
+    output.meta["example_value"], saved = 3, output.meta["example_value"]
     try:
-        message = raises(check_partition, structure, part)
+        message = raises(check_partition, structure, partition)
     finally:
-        feature.meta["example_value"] = saved
-    assert f"cached feature(s) {feature.name!r} are not tensors" in message
+        output.meta["example_value"] = saved
+    assert f"cached part output(s) {output.name!r} are not tensors" in message
 
 
 def test_a_broken_partition_is_named_not_a_key_error(monkeypatch):
     """Without the partition check, the variants' own lookups name what is missing where."""
-    gm, structure, part = cut()
-    monkeypatch.setattr(variants_module, "check_partition", lambda structure, part: part)
-    cat = next(n for n in ordered(structure, part.head) if n.target is torch.cat)
+    gm, structure, partition = cut()
+    monkeypatch.setattr(variants_module, "check_partition", lambda structure, partition: partition)
+    cat = next(n for n in ordered(structure, partition.head) if n.target is torch.cat)
     reader = next(iter(cat.users))
-    broken = dataclasses.replace(part, head=part.head - {cat}, cached=part.cached | {cat})
+    broken = dataclasses.replace(partition, head=partition.head - {cat}, cached=partition.cached | {cat})
     message = raises(build_variants, gm, structure, broken, STACK)
     assert f"head variant: {reader.name!r} reads {cat.name!r}, which that variant neither computes" in message
 
-    first, *rest = part.exported
-    reader = next(u for u in ordered(structure, first.users) if u not in part.head)
-    message = raises(build_variants, gm, structure, dataclasses.replace(part, exported=rest), STACK)
+    first, *rest = partition.exported
+    reader = next(u for u in ordered(structure, first.users) if u not in partition.head)
+    message = raises(build_variants, gm, structure, dataclasses.replace(partition, exported=rest), STACK)
     assert f"compute variant: {reader.name!r} reads {first.name!r}" in message
 
 
 # --- the variants ------------------------------------------------------------------------------------
 
 def built(requirements=STACK, **model):
-    gm, structure, part = cut(requirements, **model)
-    return gm, part, build_variants(gm, structure, part, requirements)
+    gm, structure, partition = cut(requirements, **model)
+    return gm, partition, build_variants(gm, structure, partition, requirements)
 
 
 def _drop_last_output(piece: fx.GraphModule) -> fx.GraphModule:
@@ -207,19 +208,19 @@ def _drop_last_output(piece: fx.GraphModule) -> fx.GraphModule:
 
 
 def test_variant_output_counts():
-    gm, part, variants = built(Requirements(indicator="modulated_input"))
+    gm, partition, variants = built(Requirements(indicator="modulated_input"))
     assert variants.has_indicator and variants.num_cache_writes == 1
-    for name, expected in (("head", f"expected indicator? (1) + {len(part.exported)} exported"),
+    for name, expected in (("head", f"expected indicator? (1) + {len(partition.exported)} exported"),
                            ("compute", "expected 1 output(s) + 1 cache write(s) + 0 observed"),
                            ("reuse", "expected 1 output(s)")):
         broken = dataclasses.replace(variants, **{name: _drop_last_output(getattr(variants, name))})
-        message = raises(check_variants, gm, part, Requirements(indicator="modulated_input"), broken)
+        message = raises(check_variants, gm, partition, Requirements(indicator="modulated_input"), broken)
         assert message.startswith(f"{name} variant returns") and expected in message
 
-    message = raises(check_variants, gm, part, STACK, dataclasses.replace(variants, num_cache_writes=2))
-    (_, end), = part.pairs
-    assert f"compute variant: 2 cache write(s) for 0 feature(s) (none) and 1 residual pair(s) (ends {end.name!r})" \
-        in message
+    message = raises(check_variants, gm, partition, STACK, dataclasses.replace(variants, num_cache_writes=2))
+    (_, end), = partition.pairs
+    assert f"compute variant: 2 cache write(s) for 0 part output(s) (none) and 1 residual pair(s) " \
+           f"(ends {end.name!r})" in message
 
 
 class TwoOutputs(Tiny):
@@ -231,23 +232,23 @@ def test_variant_outputs_in_the_graphs_order():
     model = TwoOutputs()
     gm = capture(model, *inputs())
     structure = analyse(gm)
-    part = partition(structure, STACK)
-    variants = build_variants(gm, structure, part, STACK)
+    partition = make_partition(structure, STACK)
+    variants = build_variants(gm, structure, partition, STACK)
     for name in ("compute", "reuse"):
         piece = copy.deepcopy(getattr(variants, name))
         out = next(n for n in piece.graph.nodes if n.op == "output")
         values = list(out.args[0])
         values[0], values[1] = values[1], values[0]
         out.args = (tuple(values),)
-        message = raises(check_variants, gm, part, STACK, dataclasses.replace(variants, **{name: piece}))
+        message = raises(check_variants, gm, partition, STACK, dataclasses.replace(variants, **{name: piece}))
         assert f"{name} variant: its output 0 ({values[0].name}) does not stand for the graph's output 0" in message
 
 
 def test_variant_placeholder_counts():
-    gm, part, variants = built()
-    message = raises(check_variants, gm, part, STACK,
+    gm, partition, variants = built()
+    message = raises(check_variants, gm, partition, STACK,
                      dataclasses.replace(variants, num_cache_inputs=variants.num_cache_inputs + 1))
-    assert message.startswith("reuse variant: ") and "placeholder(s)" in message and "cached_0" in message
+    assert message.startswith("reuse variant: ") and "placeholder(s)" in message and "cp_cached_0" in message
 
 
 # --- the reconstruction --------------------------------------------------------------------------------
@@ -290,13 +291,13 @@ class Odd(ResidualReuse):
 
 def _with(reconstruction, **model):
     requirements = Requirements(reconstruction=reconstruction)
-    gm, structure, part = cut(requirements, **model)
-    return build_variants, gm, structure, part, requirements
+    gm, structure, partition = cut(requirements, **model)
+    return build_variants, gm, structure, partition, requirements
 
 
 def test_one_prediction_per_cached_tensor():
-    gm, structure, part = cut()
-    (start, _), = part.pairs
+    gm, structure, partition = cut()
+    (start, _), = partition.pairs
     message = raises(*_with(Odd(drop=True)))
     assert f"reconstruction 'odd': predict returned 0 prediction(s) for the 1 cached tensor(s) {start.name!r}" \
         in message
@@ -307,23 +308,24 @@ def test_one_prediction_per_cached_tensor():
 def test_cache_reads_match_the_placeholders():
     message = raises(*_with(Odd(read=lambda values: values + values)))
     assert "reconstruction 'odd': its cache reads 2 tensor(s) but predict made 1 cache placeholder(s) " \
-           "('cached_0')" in message
+           "('cp_cached_0')" in message
     message = raises(*_with(Odd(read=lambda values: [v.double() for v in values])))
-    assert "reads a tensor of dtype torch.float64 for the placeholder 'cached_0', whose example has dtype " \
+    assert "reads a tensor of dtype torch.float64 for the placeholder 'cp_cached_0', whose example has dtype " \
            "torch.float32" in message
     message = raises(*_with(Odd(read=lambda values: [None for v in values])))
-    assert "reads a NoneType for the tensor placeholder 'cached_0'" in message
+    assert "reads a NoneType for the tensor placeholder 'cp_cached_0'" in message
     message = raises(*_with(Odd(read=lambda values: values[5])))
-    assert "reconstruction 'odd': its cache fails on the compute variant's cache writes ('sub'): IndexError" \
-        in message
+    (_, end), = cut()[2].pairs  # the residual write the compute variant adds: cp_residual_END
+    assert f"reconstruction 'odd': its cache fails on the compute variant's cache writes " \
+           f"('cp_residual_{end.name}'): IndexError" in message
 
 
 def test_taylor_cache_layout_at_every_order_and_granularity():
     for order in (1, 2, 4):
         for requirements in (Requirements(reconstruction=TaylorReuse(order=order)),
                              Requirements(reconstruction=TaylorReuse(order=order, granularity="block"))):
-            _, part, variants = built(requirements)
-            writes = len(part.features) or len(part.pairs)
+            _, partition, variants = built(requirements)
+            writes = len(partition.part_outputs) or len(partition.pairs)
             assert variants.num_cache_writes == writes
             assert variants.num_cache_inputs == 1 + (order + 1) * writes  # coefficients, D_0..D_order each
 
@@ -343,7 +345,7 @@ def test_cache_layout_is_checked_at_build_time_only(monkeypatch):
 
 
 def test_check_cache_layout_directly():
-    _, part, variants = built()
+    _, partition, variants = built()
     reuse = variants.reuse
     cache_placeholders = [n for n in reuse.graph.nodes if n.op == "placeholder"][-variants.num_cache_inputs:]
     compute_out = next(n for n in variants.compute.graph.nodes if n.op == "output").args[0]

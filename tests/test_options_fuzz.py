@@ -225,7 +225,7 @@ class Runner:
                 out = compiled(self.x, torch.tensor([t]))
                 assert out.shape == self.x.shape, (options, out.shape)
                 assert torch.isfinite(out).all(), options
-                if i == 0:  # a stream's first call is always computed
+                if i == 0:  # a branch's first call is always computed
                     torch.testing.assert_close(out, self.first, rtol=1e-4, atol=1e-5)
 
     def rejected_through_compile(self, options) -> str:

@@ -22,10 +22,10 @@ def test_wan_pipeline_two_generations_with_cfg():
 
     stats = cachepass.stats(pipe.transformer)
     assert stats.generations == 2
-    assert len(stats.streams) == 2  # cond and uncond are separate calls, hence separate streams
-    for stream in stats.streams + stats.history[0]:
-        assert stream.computed_steps == [0, 3, 6]
-        assert stream.reused_steps == [1, 2, 4, 5, 7]
+    assert len(stats.branches) == 2  # cond and uncond are separate calls, hence separate streams
+    for branch in stats.branches + stats.history[0]:
+        assert branch.computed_steps == [0, 3, 6]
+        assert branch.reused_steps == [1, 2, 4, 5, 7]
     assert cached_attention == 3 * 2 * 3 * 2  # only the computed steps ran the blocks
 
     second = run_wan_pipeline(pipe, steps=STEPS)
@@ -34,11 +34,11 @@ def test_wan_pipeline_two_generations_with_cfg():
 
     # a generation with another step count is detected from the timesteps alone
     run_wan_pipeline(pipe, steps=5)
-    assert [s.steps for s in cachepass.stats(pipe.transformer).streams] == [5, 5]
+    assert [s.steps for s in cachepass.stats(pipe.transformer).branches] == [5, 5]
 
 
-def test_batched_cfg_is_one_stream():
-    """Pipelines that batch cond and uncond call the model once per step: one stream, batch 2."""
+def test_batched_cfg_is_one_branch():
+    """Pipelines that batch cond and uncond call the model once per step: one branch, batch 2."""
     model = tiny_wan()
     fast = torch.compile(model, backend="cachepass", options={"policy": "interval", "interval": 2, "inner": "eager"})
     x = torch.randn(2, 4, 2, 8, 8)
@@ -47,4 +47,4 @@ def test_batched_cfg_is_one_stream():
         for t in (900, 700, 500):
             fast(hidden_states=x, timestep=torch.tensor([t, t]), encoder_hidden_states=text)
     stats = cachepass.stats(fast)
-    assert len(stats.streams) == 1 and stats.streams[0].computed_steps == [0, 2]
+    assert len(stats.branches) == 1 and stats.branches[0].computed_steps == [0, 2]

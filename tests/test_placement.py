@@ -1,18 +1,18 @@
 """Placement of calls (request, step, branch) from pipeline signals and, in raw loops, from timesteps."""
 
-from cachepass.runtime.placement import MAX_BRANCHES, MIXED, Placer
+from cachepass.runtime.placement import MAX_INFERRED_BRANCHES, MIXED, Placer
 from cachepass.runtime.signals import PipelineSignal
 
 
 def positions(placer, ts, num_steps=None):
-    return [(p.request, p.step, p.stream) for p in (placer.place(None, t, num_steps) for t in ts)]
+    return [(p.request, p.step, p.branch_index) for p in (placer.place(None, t, num_steps) for t in ts)]
 
 
 def certainty(placer, ts):
     return [placer.place(None, t, None).certain for t in ts]
 
 
-def test_cfg_as_two_calls_gives_two_streams_per_step():
+def test_cfg_as_two_calls_gives_two_branches_per_step():
     got = positions(Placer(), [999, 999, 800, 800, 500, 500])
     assert got == [(0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (0, 2, 0), (0, 2, 1)]
 
@@ -70,9 +70,9 @@ def test_a_repeated_timestep_is_uncertain_until_the_branches_are_established():
 
 def test_one_step_calls_at_one_timestep_stay_bounded():
     placer = Placer()
-    got = positions(placer, [500] * (3 * MAX_BRANCHES))
-    assert max(s for _, _, s in got) == MAX_BRANCHES - 1
-    assert got[-1][0] == 2  # every MAX_BRANCHES calls a new request
+    got = positions(placer, [500] * (3 * MAX_INFERRED_BRANCHES))
+    assert max(s for _, _, s in got) == MAX_INFERRED_BRANCHES - 1
+    assert got[-1][0] == 2  # every MAX_INFERRED_BRANCHES calls a new request
 
 
 def test_per_element_timesteps_that_differ_are_never_certain():
@@ -85,7 +85,7 @@ def test_pipeline_signals_name_the_branch_and_the_step():
     placer = Placer()
     calls = [PipelineSignal("cond", 0, 4), PipelineSignal("uncond", 0, 4), PipelineSignal("cond", 1, 4)]
     got = [placer.place(s, 0.5, None) for s in calls]  # the timestep does not matter here
-    assert [(p.request, p.step, p.branch, p.stream, p.num_steps) for p in got] == [
+    assert [(p.request, p.step, p.branch, p.branch_index, p.num_steps) for p in got] == [
         (0, 0, "cond", 0, 4), (0, 0, "uncond", 1, 4), (0, 1, "cond", 0, 4)]
     assert all(p.certain for p in got)
     # the branch comes back to step 0: the run restarted (a cancelled generation, then a new one)
@@ -96,7 +96,7 @@ def test_named_branches_without_step_index_count_their_own_steps():
     placer = Placer()
     seq = [("cond", 1.0), ("uncond", 1.0), ("cond", 0.75), ("uncond", 0.75), ("cond", 0.5)]
     got = [placer.place(PipelineSignal(b), t, 8) for b, t in seq]
-    assert [(p.request, p.step, p.stream, p.num_steps) for p in got] == [
+    assert [(p.request, p.step, p.branch_index, p.num_steps) for p in got] == [
         (0, 0, 0, 8), (0, 0, 1, 8), (0, 1, 0, 8), (0, 1, 1, 8), (0, 2, 0, 8)]
     # the same timestep again for a branch (bf16 rounds 0.500 and 0.498 alike): still its next step
     again = placer.place(PipelineSignal("cond"), 0.5, 8)

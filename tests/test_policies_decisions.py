@@ -19,8 +19,8 @@ def policy(**options):
     return parse_options({"inner": "eager", **options}).policy
 
 
-def ctx(step, num_steps=None, stream=0):
-    return CallContext(generation=0, step=step, stream=stream, num_steps=num_steps, timestep=None)
+def ctx(step, num_steps=None, branch_index=0):
+    return CallContext(generation=0, step=step, branch_index=branch_index, num_steps=num_steps, timestep=None)
 
 
 def run(p, values, num_steps=None, state=None):
@@ -87,15 +87,39 @@ def test_teacache_coefficient_presets():
     assert policy(policy="teacache", coefficients="identity").poly(0.37) == pytest.approx(0.37)
 
 
-def test_teacache_states_are_independent_per_stream():
+def test_teacache_states_are_independent_per_branch():
     p = policy(policy="teacache", coefficients="identity", threshold=0.25)
     a, b = p.new_state(), p.new_state()
     values = [1, 1.1, 1.21, 1.331]
     got_a, got_b = [], []
-    for i, v in enumerate(values):  # interleaved like cond/uncond; stream b never changes
-        got_a.append(p.decide(a, ctx(i, stream=0), torch.full((4,), float(v))))
-        got_b.append(p.decide(b, ctx(i, stream=1), torch.full((4,), 1.0)))
+    for i, v in enumerate(values):  # interleaved like cond/uncond; branch b never changes
+        got_a.append(p.decide(a, ctx(i, branch_index=0), torch.full((4,), float(v))))
+        got_b.append(p.decide(b, ctx(i, branch_index=1), torch.full((4,), 1.0)))
     assert got_a == [T, F, F, T] and got_b == [T, F, F, F]
+
+
+def test_old_branch_names_of_the_policy_interface_still_work_and_warn():
+    """``CallContext.stream`` (and the keyword ``stream=``), ``MAX_STREAMS`` and magcache's
+    ``ratios_per_stream``: deprecated aliases of ``branch_index``, ``MAX_BRANCHES`` and
+    ``ratios_per_branch``, each warning at the caller's line."""
+    from cachepass.policies import base, magcache
+
+    c = ctx(3, branch_index=1)
+    with pytest.warns(DeprecationWarning, match="CallContext.stream is deprecated; use CallContext.branch_index") \
+            as caught:
+        assert c.stream == c.branch_index == 1
+    assert caught[0].filename == __file__
+    with pytest.warns(DeprecationWarning, match=r"CallContext\(stream=...\) is deprecated") as caught:
+        old = CallContext(generation=0, step=3, stream=1, num_steps=None, timestep=None)
+    assert caught[0].filename == __file__
+    assert old == c
+    with pytest.raises(TypeError, match="both 'stream'"):
+        CallContext(0, 3, branch_index=1, stream=1, num_steps=None, timestep=None)
+    with pytest.warns(DeprecationWarning, match="MAX_STREAMS is deprecated; use .*MAX_BRANCHES") as caught:
+        assert base.MAX_STREAMS == base.MAX_BRANCHES == 64
+    assert caught[0].filename == __file__
+    with pytest.warns(DeprecationWarning, match="ratios_per_stream is deprecated; use .*ratios_per_branch"):
+        assert magcache.ratios_per_stream([1.0, 0.9]) == magcache.ratios_per_branch([1.0, 0.9]) == [[1.0, 0.9]]
 
 
 def test_customcache_decides_like_teacache_and_rebuilds_by_taylor():

@@ -1,6 +1,6 @@
 """Every policy at its documented defaults on the embedded trained model: 50 steps, CFG, real WanPipeline.
 
-Stated bound: each computes at most half of the steps per stream and stays above 25 dB PSNR of the
+Stated bound: each computes at most half of the steps per branch and stays above 25 dB PSNR of the
 full output (videos in [-1, 1]), measured on the second generation of a compiled model: policies that
 need the step count learn it from the first (adacache's first generation, step count unknown, reached
 only ~16.5 dB here; pass ``num_steps=`` to get the second generation's behaviour from the start).
@@ -50,7 +50,7 @@ def test_default_policy_halves_the_work_and_stays_close(reference, policy):
     with torch.no_grad():
         generate(pipe, DIGITS, num_inference_steps=50, seed=0)  # first generation: learns the step count
         out = generate(pipe, DIGITS, num_inference_steps=50, seed=0)
-    streams = cachepass.stats(pipe.transformer).streams
+    streams = cachepass.stats(pipe.transformer).branches
     assert len(streams) == 2
     assert all(len(s.computed_steps) <= 25 for s in streams), [len(s.computed_steps) for s in streams]
     assert psnr(out, full) > 25.0
@@ -69,8 +69,8 @@ def test_taylorseer_block_and_stack_are_level_on_the_trained_model(reference):
         with torch.no_grad():
             out = generate(pipe, DIGITS, num_inference_steps=50, seed=0)
         stats = cachepass.stats(pipe.transformer)
-        result[granularity] = ([s.computed_steps for s in stats.streams], psnr(out, full),
-                               sum(s.cache_bytes for s in stats.streams))
+        result[granularity] = ([s.computed_steps for s in stats.branches], psnr(out, full),
+                               sum(s.cache_bytes for s in stats.branches))
         torch._dynamo.reset()
     (steps_stack, psnr_stack, bytes_stack), (steps_block, psnr_block, bytes_block) = result["stack"], result["block"]
     assert steps_block == steps_stack and len(steps_stack[0]) == 13

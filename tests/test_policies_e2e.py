@@ -1,8 +1,8 @@
 """Every policy end to end on a tiny diffusers ``WanTransformer3DModel`` under ``torch.compile``.
 
 A fake 20-step flow-matching sampler calls the model twice per step with the same timestep (cond,
-then uncond: two streams) and combines them with CFG. For each registered policy and each of its
-declared ``tiny`` examples (``Policy.examples``): both streams skip some steps (``none``: none), the
+then uncond: two branches) and combines them with CFG. For each registered policy and each of its
+declared ``tiny`` examples (``Policy.examples``): both branches skip some steps (``none``: none), the
 final latent stays within a relative L1 of ``MAX_REL_L1`` of the uncached model's (random tiny
 weights; measured 0.4-2 %), and a second generation repeats the first one's schedule and output.
 """
@@ -85,8 +85,8 @@ def reference(model, inputs):
     return sample(model, inputs)
 
 
-def schedule(streams):
-    return [(s.stream, s.computed_steps, s.reused_steps) for s in streams]
+def schedule(branches):
+    return [(s.index, s.computed_steps, s.reused_steps) for s in branches]
 
 
 def test_the_cases_cover_the_built_in_examples():
@@ -108,11 +108,11 @@ def test_policy_end_to_end(case, model, inputs, reference):
     first = sample(compiled, inputs)
     stats = cachepass.stats(compiled)
     assert stats.caching and stats.policy == policy
-    assert len(stats.streams) == 2
-    for s in stats.streams:
+    assert len(stats.branches) == 2
+    for s in stats.branches:
         assert s.steps == NUM_STEPS and s.computed_steps[0] == 0
         if reuses:
-            assert s.reused_steps, f"stream {s.stream} never reused the cache"
+            assert s.reused_steps, f"branch {s.index} never reused the cache"
         else:
             assert not s.reused_steps
     if reuses:
@@ -125,7 +125,7 @@ def test_policy_end_to_end(case, model, inputs, reference):
     second = sample(compiled, inputs)
     stats = cachepass.stats(compiled)
     assert stats.generations == 2
-    assert schedule(stats.history[-1]) == schedule(stats.streams)
+    assert schedule(stats.history[-1]) == schedule(stats.branches)
     assert torch.equal(first, second)
 
 
@@ -134,7 +134,7 @@ def test_taylor_cache_reports_its_bytes(model, inputs):
                              options={"policy": "taylorseer", "order": 2, "inner": "eager", "num_steps": NUM_STEPS})
     sample(compiled, inputs)
     residual_bytes = 1 * (FRAMES * 4 * 4) * 16 * 4  # (batch, tokens, width) float32
-    assert [s.cache_bytes for s in cachepass.stats(compiled).streams] == [3 * residual_bytes] * 2
+    assert [s.cache_bytes for s in cachepass.stats(compiled).branches] == [3 * residual_bytes] * 2
 
 
 def test_frame_grid_gives_tokens_per_frame(model, inputs):
@@ -155,17 +155,17 @@ def test_frame_grid_gives_tokens_per_frame(model, inputs):
 
 def test_the_last_step_is_forced_only_when_the_step_count_is_known(model, inputs):
     """Nothing is learnt from an earlier generation: without ``num_steps`` no generation forces its last
-    step; with it, the first one already does. (Step 1 of stream 0 computes in this raw loop: the
+    step; with it, the first one already does. (Step 1 of branch 0 computes in this raw loop: the
     uncond call repeats the timestep, so the branches are established only once step 1 has two calls.)"""
     options = {"policy": "teacache", "coefficients": "identity", "threshold": 10.0, "inner": "eager"}
     compiled = torch.compile(copy.deepcopy(model), backend="cachepass", options=options)
     for _ in range(2):
         sample(compiled, inputs)
-        assert [s.computed_steps for s in cachepass.stats(compiled).streams] == [[0, 1], [0]]
+        assert [s.computed_steps for s in cachepass.stats(compiled).branches] == [[0, 1], [0]]
     torch._dynamo.reset()
     compiled = torch.compile(copy.deepcopy(model), backend="cachepass", options={**options, "num_steps": NUM_STEPS})
     sample(compiled, inputs)
-    assert [s.computed_steps for s in cachepass.stats(compiled).streams] == [[0, 1, 19], [0, 19]]
+    assert [s.computed_steps for s in cachepass.stats(compiled).branches] == [[0, 1, 19], [0, 19]]
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -181,7 +181,7 @@ def test_policy_on_a_model_outside_diffusers(case):
         for i, t in enumerate(torch.linspace(999, 0, 10)):
             compiled(x + 0.02 * i * drift, torch.tensor([float(t)]))
     stats = cachepass.stats(compiled)
-    assert stats.caching and stats.streams[0].steps == 10
+    assert stats.caching and stats.branches[0].steps == 10
 
 
 def test_adacache_motion_needs_frames():
@@ -203,6 +203,6 @@ def test_taylorseer_block_beats_stack_on_this_model(model, inputs, reference):
                    "inner": "eager", "num_steps": NUM_STEPS}
         compiled = torch.compile(copy.deepcopy(model), backend="cachepass", options=options)
         errors[granularity] = relative_l1(sample(compiled, inputs), reference)
-        schedules[granularity] = schedule(cachepass.stats(compiled).streams)
+        schedules[granularity] = schedule(cachepass.stats(compiled).branches)
     assert schedules["block"] == schedules["stack"]
     assert errors["block"] < 0.85 * errors["stack"], errors

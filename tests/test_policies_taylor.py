@@ -1,4 +1,4 @@
-"""Taylor prediction: sympy-derived coefficients, and exact prediction of polynomial features through
+"""Taylor prediction: sympy-derived coefficients, and exact prediction of polynomial tensors through
 the real ``TaylorReuse`` graph nodes and cache, with uneven gaps between computed steps."""
 
 from __future__ import annotations
@@ -58,11 +58,11 @@ def _reuse_graph(order: int, num_pairs: int) -> fx.GraphModule:
 
 
 @pytest.mark.parametrize("order", [1, 2, 3, 4])
-def test_polynomial_feature_is_predicted_exactly_with_uneven_gaps(order):
+def test_polynomial_tensor_is_predicted_exactly_with_uneven_gaps(order):
     torch.manual_seed(order)
     coeffs = [torch.randn(2, 3, dtype=torch.float64) for _ in range(order + 1)]  # degree == order
 
-    def feature(s):
+    def value(s):
         return sum(c * float(s) ** j for j, c in enumerate(coeffs))
 
     gm = _reuse_graph(order, num_pairs=2)
@@ -70,19 +70,19 @@ def test_polynomial_feature_is_predicted_exactly_with_uneven_gaps(order):
     x = [torch.randn(2, 3, dtype=torch.float64) for _ in range(2)]
     computed = [0, 1, 3, 4, 7, 9, 10, 13]  # gaps 1, 2, 1, 3, 2, 1, 3
     for i, step in enumerate(computed):
-        cache.write([feature(step), 2 * feature(step)], step)
+        cache.write([value(step), 2 * value(step)], step)
         if i < order:  # not enough points yet for this degree
             continue
         for k in (1, 2, 5):
             out = gm(*x, *cache.read(step + k))
-            torch.testing.assert_close(out[0], x[0] + feature(step + k), rtol=1e-9, atol=1e-8)
-            torch.testing.assert_close(out[1], x[1] + 2 * feature(step + k), rtol=1e-9, atol=1e-8)
+            torch.testing.assert_close(out[0], x[0] + value(step + k), rtol=1e-9, atol=1e-8)
+            torch.testing.assert_close(out[1], x[1] + 2 * value(step + k), rtol=1e-9, atol=1e-8)
     assert cache.nbytes() == 2 * (order + 1) * 6 * 8
 
 
 @pytest.mark.parametrize("order", [2, 4])
-def test_lower_degree_feature_exact_while_warming_up(order):
-    """After m+1 < order+1 computed steps the fit has order m: a degree-m feature is already exact."""
+def test_lower_degree_tensor_exact_while_warming_up(order):
+    """After m+1 < order+1 computed steps the fit has order m: a degree-m tensor is already exact."""
     base, slope = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
     gm = _reuse_graph(order, num_pairs=1)
     cache = TaylorReuse(order).new_cache()

@@ -48,7 +48,7 @@ from cachepass.policies.distance import relative_l1
 
 # --- a new policy: what its module holds --------------------------------------------------------------
 
-#: What DriftPolicy.after_compute was handed, per computed call: (stream, step, names, shape of the last
+#: What DriftPolicy.after_compute was handed, per computed call: (branch index, step, names, shape of the last
 #: block's output). Module-level so the test can read it (a real policy keeps such things in its state).
 OBSERVED: list[tuple] = []
 
@@ -97,7 +97,7 @@ class DriftPolicy(Policy):
     def after_compute(self, state: DriftState, ctx: CallContext, observed: dict) -> None:
         out = observed["block_output:-1"]
         state.norms.append(float(out.norm()))
-        OBSERVED.append((ctx.stream, ctx.step, tuple(observed), tuple(out.shape)))
+        OBSERVED.append((ctx.branch_index, ctx.step, tuple(observed), tuple(out.shape)))
 
 
 # --- a calibratable one: its Calibration and a profile option ---------------------------------------
@@ -160,13 +160,13 @@ def test_a_new_policy_runs_end_to_end_from_its_registry_line(registered):
     out = run_wan_pipeline(pipe, steps=8)
     stats = cachepass.stats(pipe.transformer)
     assert stats.caching and stats.policy == "drift"
-    assert [s.branch for s in stats.streams] == ["cond", "uncond"]
-    for s in stats.streams:
+    assert [s.name for s in stats.branches] == ["cond", "uncond"]
+    for s in stats.branches:
         assert s.steps == 8 and s.computed_steps[0] == 0 and s.reused_steps, (s.computed_steps, s.reused_steps)
     assert output_l1(out, reference) < 0.05
     # after_compute got the observed tensor by the name the policy stated, once per computed call
-    computed = sorted((s.stream, step) for s in stats.streams for step in s.computed_steps)
-    assert sorted((stream, step) for stream, step, _, _ in OBSERVED) == computed
+    computed = sorted((s.index, step) for s in stats.branches for step in s.computed_steps)
+    assert sorted((branch, step) for branch, step, _, _ in OBSERVED) == computed
     shapes = {(names, shape) for _, _, names, shape in OBSERVED}
     assert shapes == {(("block_output:-1",), (1, 32, 16))}  # (batch, tokens, width)
 
@@ -187,7 +187,7 @@ def test_a_new_policy_gets_the_registry_driven_checks(registered, example):
         for t in torch.linspace(999, 0, 10):
             compiled(x, torch.tensor([float(t)]))
     stats = cachepass.stats(compiled)
-    assert stats.caching and stats.policy == "drift" and stats.streams[0].steps == 10
+    assert stats.caching and stats.policy == "drift" and stats.branches[0].steps == 10
     with pytest.raises(OptionError, match="unknown option 'treshold' for policy 'drift'"):
         parse_options({"policy": "drift", "treshold": 0.1})
 

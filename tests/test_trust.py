@@ -29,7 +29,7 @@ from tiny_models import (
 import cachepass
 from cachepass.errors import OptionError
 from cachepass.options import parse_options
-from cachepass.runtime.placement import MAX_BRANCHES
+from cachepass.runtime.placement import MAX_INFERRED_BRANCHES
 from cachepass.runtime.state import HISTORY, runtime_for
 
 INTERVAL = {"policy": "interval", "interval": 3, "inner": "eager"}
@@ -71,9 +71,9 @@ def test_two_experts_of_one_class_keep_their_own_caches():
     assert relative_l1(out_shared, reference) < 0.1
     high, low = cachepass.stats(shared.transformer), cachepass.stats(shared.transformer_2)
     assert high.calls > 0 and low.calls > 0 and high.calls + low.calls == 2 * 8
-    first_low = min(low.streams[0].computed_steps)  # the low-noise expert computes its first step itself
-    assert first_low == min(low.streams[0].computed_steps + low.streams[0].reused_steps) > 0
-    assert max(high.streams[0].computed_steps + high.streams[0].reused_steps) < first_low
+    first_low = min(low.branches[0].computed_steps)  # the low-noise expert computes its first step itself
+    assert first_low == min(low.branches[0].computed_steps + low.branches[0].reused_steps) > 0
+    assert max(high.branches[0].computed_steps + high.branches[0].reused_steps) < first_low
     assert torch.equal(run_wan_pipeline(shared, steps=8), out_shared)  # and again, the same
 
 
@@ -119,8 +119,8 @@ def test_a_warm_up_call_is_never_reused_in_a_raw_loop():
         fast(hidden_states=5 * inputs["hidden_states"], timestep=torch.tensor([SCHEDULE[0]]),
              encoder_hidden_states=inputs["encoder_hidden_states"])
     out = raw_loop(fast, inputs)
-    stream = cachepass.stats(fast).streams[0]
-    assert 1 in stream.computed_steps  # the call after a repeated timestep computes: never the warm-up's cache
+    branch = cachepass.stats(fast).branches[0]
+    assert 1 in branch.computed_steps  # the call after a repeated timestep computes: never the warm-up's cache
     cachepass.reset(fast)
     clean = raw_loop(fast, inputs)
     assert relative_l1(out, full) <= relative_l1(clean, full) + 1e-6
@@ -131,7 +131,7 @@ def test_nothing_is_learnt_from_earlier_generations(before):
     model, inputs = tiny_wan(), wan_inputs()
     fast = compiled(model, policy="teacache", threshold=0.3)
     clean = raw_loop(fast, inputs)
-    clean_steps = cachepass.stats(fast).streams[0].computed_steps
+    clean_steps = cachepass.stats(fast).branches[0].computed_steps
     cachepass.reset(fast)
     if before == "two steps":
         raw_loop(fast, inputs, SCHEDULE[:2])
@@ -139,7 +139,7 @@ def test_nothing_is_learnt_from_earlier_generations(before):
         raw_loop(fast, inputs, SCHEDULE[:1])
         cachepass.reset(fast)
     assert torch.equal(raw_loop(fast, inputs), clean)
-    assert cachepass.stats(fast).streams[0].computed_steps == clean_steps
+    assert cachepass.stats(fast).branches[0].computed_steps == clean_steps
     assert len(clean_steps) < len(SCHEDULE)
 
 
@@ -163,7 +163,7 @@ def test_cfg_branches_of_different_token_counts_under_automatic_dynamic_shapes()
         pipe.transformer = torch.compile(pipe.transformer, backend="cachepass", options=INTERVAL, dynamic=dynamic)
         outs[dynamic] = _wan_pipeline_uneven_prompts(pipe)
         stats = cachepass.stats(pipe.transformer)
-        assert [s.computed_steps for s in stats.streams] == [[0, 3], [0, 3]]
+        assert [s.computed_steps for s in stats.branches] == [[0, 3], [0, 3]]
     torch.testing.assert_close(outs[None], outs[False], rtol=0, atol=1e-6)
 
 
@@ -180,7 +180,7 @@ def test_a_shape_change_mid_generation_computes(policy):
         out = fast(timestep=t, **large)[0]
         ref = model(timestep=t, **large)[0]
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-    assert 4 in cachepass.stats(fast).streams[0].computed_steps
+    assert 4 in cachepass.stats(fast).branches[0].computed_steps
 
 
 # --- 5. and 6. timesteps that do not place the call ---------------------------------------------------
@@ -258,7 +258,7 @@ def test_first_generation_equals_second_in_wan_pipeline(policy):
     second = run_wan_pipeline(pipe, steps=10)
     assert torch.equal(first, second)
     stats = cachepass.stats(pipe.transformer)
-    assert [s.computed_steps for s in stats.streams] == [s.computed_steps for s in stats.history[-1]]
+    assert [s.computed_steps for s in stats.branches] == [s.computed_steps for s in stats.history[-1]]
 
 
 @pytest.mark.parametrize("policy", DEFAULT_POLICIES)
@@ -272,8 +272,8 @@ def test_first_generation_equals_second_in_flux_pipeline(policy):
     if policy == "adacache":  # its motion term needs a frame grid: it declines image models (issue 15)
         assert not stats.caching
         return
-    assert [s.branch for s in stats.streams] == ["cond", "uncond"]
-    assert [s.computed_steps for s in stats.streams] == [s.computed_steps for s in stats.history[-1]]
+    assert [s.name for s in stats.branches] == ["cond", "uncond"]
+    assert [s.computed_steps for s in stats.branches] == [s.computed_steps for s in stats.history[-1]]
 
 
 def test_the_pipeline_step_count_forces_the_last_step_from_the_first_generation():
@@ -281,22 +281,22 @@ def test_the_pipeline_step_count_forces_the_last_step_from_the_first_generation(
     pipe.transformer = torch.compile(pipe.transformer, backend="cachepass",
                                      options={**INTERVAL, "interval": 4, "compute_last": True})
     run_wan_pipeline(pipe, steps=6)
-    assert [s.computed_steps for s in cachepass.stats(pipe.transformer).streams] == [[0, 4, 5], [0, 4, 5]]
+    assert [s.computed_steps for s in cachepass.stats(pipe.transformer).branches] == [[0, 4, 5], [0, 4, 5]]
 
 
 # --- 9. bounded memory ----------------------------------------------------------------------------
 
-def test_one_step_calls_at_one_timestep_do_not_grow_the_streams():
+def test_one_step_calls_at_one_timestep_do_not_grow_the_branches():
     model, inputs = tiny_wan(), wan_inputs()
     fast = compiled(model)
-    for _ in range(3 * MAX_BRANCHES + 1):
+    for _ in range(3 * MAX_INFERRED_BRANCHES + 1):
         raw_loop(fast, inputs, SCHEDULE[:1])
-        assert len(cachepass.stats(fast).streams) <= MAX_BRANCHES
+        assert len(cachepass.stats(fast).branches) <= MAX_INFERRED_BRANCHES
     pipe = tiny_wan_pipeline(model)
     pipe.transformer = fast
     for _ in range(5):
         run_wan_pipeline(pipe, steps=1)
-    assert len(cachepass.stats(fast).streams) == 2
+    assert len(cachepass.stats(fast).branches) == 2
 
 
 def test_history_is_capped():
@@ -338,9 +338,9 @@ def test_stats_explain_and_reset_are_per_instance():
         for t in (1.0, 0.9, 0.8):
             fa(timestep=torch.tensor([t]), **inputs)
         fb(timestep=torch.tensor([1.0]), **inputs)
-    assert [s.computed_steps + s.reused_steps for s in cachepass.stats(fa).streams] == [[0, 1, 2]]
-    assert [s.computed_steps for s in cachepass.stats(fb).streams] == [[0]]
+    assert [s.computed_steps + s.reused_steps for s in cachepass.stats(fa).branches] == [[0, 1, 2]]
+    assert [s.computed_steps for s in cachepass.stats(fb).branches] == [[0]]
     cachepass.reset(fb)
     with torch.no_grad():  # a's generation goes on: b's reset did not touch it
         calls = count_attention_calls(lambda: fa(timestep=torch.tensor([0.7]), **inputs))
-    assert calls == 0 and cachepass.stats(fa).streams[0].reused_steps == [1, 2, 3]
+    assert calls == 0 and cachepass.stats(fa).branches[0].reused_steps == [1, 2, 3]

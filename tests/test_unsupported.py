@@ -7,6 +7,7 @@ The other invariant checks (partition, variants, reconstruction) are in ``test_i
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -21,7 +22,7 @@ from cachepass.analysis.values import example_value
 from cachepass.errors import NoBlockStack, SplitStack, UnsupportedStructure
 from cachepass.policies.base import Requirements
 from cachepass.reconstruction import ResidualReuse, TaylorReuse
-from cachepass.transform.partition import partition
+from cachepass.transform.partition import partition as make_partition
 from cachepass.transform.variants import build_variants
 
 DIM = 8
@@ -164,7 +165,7 @@ def test_body_writes_into_a_value_made_before_it():
 
 
 def test_body_output_that_is_not_a_tensor():
-    class Sized(nn.Module):  # a block that also hands a size (symbolic under dynamic shapes) to the tail
+    class Sized(nn.Module):  # a block that also hands a size (symbolic under dynamic shapes) to the epilogue
         def __init__(self):
             super().__init__()
             self.lin = nn.Linear(DIM, DIM)
@@ -204,19 +205,19 @@ def test_value_leaving_the_cached_span_without_a_partner():
     _, gm = tiny_graph(blocks=[Block(DIM, out=4), Block(4, out=DIM), Block()])
     structure = analyse(gm)
     end = structure.boundary_values(3)[0]
-    message = raises(partition, structure, Requirements(compute_first=1))
+    message = raises(make_partition, structure, Requirements(compute_first=1))
     assert f"the value {end.name!r} leaving the cached blocks has no partner" in message
 
 
 def test_span_with_nothing_left_to_cache():
     _, gm = tiny_graph(depth=3)
-    message = raises(partition, analyse(gm), Requirements(compute_first=2, compute_last=1))
+    message = raises(make_partition, analyse(gm), Requirements(compute_first=2, compute_last=1))
     assert "computes 2 first and 1 last blocks always" in message and "in a stack of 3" in message
 
 
 def test_front_residual_without_front_blocks():
     _, gm = tiny_graph()
-    message = raises(partition, analyse(gm), Requirements(indicator="front_residual", compute_first=0))
+    message = raises(make_partition, analyse(gm), Requirements(indicator="front_residual", compute_first=0))
     assert "'front_residual' needs compute_first >= 1" in message
 
 
@@ -224,7 +225,7 @@ def test_indicator_the_model_does_not_provide():
     _, gm = tiny_graph(timestep=False)  # no sinusoid: no timestep, so no timestep embedding / modulation
     structure = analyse(gm)
     assert sorted(structure.indicators) == ["first_block_output"]
-    message = raises(partition, structure, Requirements(indicator="modulated_input"))
+    message = raises(make_partition, structure, Requirements(indicator="modulated_input"))
     assert "needs the indicator 'modulated_input'" in message and "(found: first_block_output)" in message
 
 
@@ -238,7 +239,7 @@ class Elementwise(nn.Module):
 def test_block_granularity_without_predictable_parts():
     _, gm = tiny_graph(blocks=[Elementwise() for _ in range(3)])
     requirements = Requirements(reconstruction=TaylorReuse(order=1, granularity="block"))
-    message = raises(partition, analyse(gm), requirements)
+    message = raises(make_partition, analyse(gm), requirements)
     assert "granularity 'block' found no attention or feed-forward sub-module" in message
 
 
@@ -263,14 +264,14 @@ def test_side_effect_on_a_predicted_part_internal():
     _, gm = tiny_graph(blocks=[Checked() for _ in range(3)])
     structure = analyse(gm)
     requirements = Requirements(reconstruction=TaylorReuse(order=1, granularity="block"))
-    part = partition(structure, requirements)
+    partition = make_partition(structure, requirements)
     asserts = [n for n in gm.graph.nodes if n.target is torch._assert_async]
     assert len(asserts) == 3
-    message = raises(build_variants, gm, structure, part, requirements)
+    message = raises(build_variants, gm, structure, partition, requirements)
     assert f"granularity 'block': {asserts[0].name!r} has side effects" in message
     # granularity stack caches the residual of the whole span, asserts and all
     requirements = Requirements(reconstruction=ResidualReuse())
-    build_variants(gm, structure, partition(structure, requirements), requirements)
+    build_variants(gm, structure, make_partition(structure, requirements), requirements)
 
 
 # --- features (named tensors a policy observes) ------------------------------------------------------
@@ -285,6 +286,18 @@ def test_frame_grid_without_a_video_latent():
     _, gm = tiny_graph()
     message = raises(resolve_feature, analyse(gm), "frame_grid")
     assert "feature 'frame_grid' not found" in message
+
+
+def test_stream_features_without_a_stream_tensor():
+    """``stream_input``, ``stream_output`` and ``frame_grid`` read the first residual-stream tensor: a
+    structure without one is an ``UnsupportedStructure`` naming the feature, not an ``IndexError``."""
+    _, gm = tiny_graph()
+    structure = dataclasses.replace(analyse(gm), stream=[])
+    for name in ("stream_input", "stream_output", "frame_grid"):
+        message = raises(resolve_feature, structure, name)
+        assert f"feature {name!r} needs the residual stream, but no stream tensor was found" in message
+    message = raises(make_partition, structure, Requirements(observe=("stream_input",)))
+    assert "feature 'stream_input' needs the residual stream" in message
 
 
 def test_feature_indicator_the_model_does_not_provide():
@@ -308,5 +321,5 @@ def test_feature_not_found_in_its_block():
 def test_features_reach_the_partition():
     """The feature errors surface through the partition (``Requirements.observe``) unchanged."""
     _, gm = tiny_graph(depth=3)
-    message = raises(partition, analyse(gm), Requirements(observe=("block_output:-4",)))
+    message = raises(make_partition, analyse(gm), Requirements(observe=("block_output:-4",)))
     assert "'-4' is outside the 3 blocks" in message

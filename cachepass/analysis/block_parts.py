@@ -10,7 +10,7 @@ the current step's inputs. No names are read: a *part* is a direct child module 
 * hands only tensors to the rest of the block.
 
 A part's *outputs* are its nodes read outside it, in graph order, that still reach the graph's
-output once every part is removed: the features a compute call stores and a reuse call predicts (an
+output once every part is removed: the part outputs a compute call stores and a reuse call predicts (an
 output read only by another part, like FLUX's MLP input projection feeding the predicted output
 projection, is never needed, so it is not cached). Every node of a part is dropped from the reuse
 variant.

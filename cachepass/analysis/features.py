@@ -95,10 +95,21 @@ def _block_index(structure, token: str) -> int:
     return k
 
 
+def _first_stream_tensor(structure, name: str):
+    """The first residual-stream tensor (``structure.stream[0]``), or :class:`UnsupportedStructure` naming
+    the feature ``name`` when the block stack carries none."""
+    if not structure.stream:
+        raise UnsupportedStructure(
+            f"feature {name!r} needs the residual stream, but no stream tensor was found: no tensor leaves "
+            "the block stack paired with one entering it, so there is no stream input or output to observe"
+        )
+    return structure.stream[0]
+
+
 def _frame_grid(structure) -> fx.Node:
     """The nearest 5-d ancestor of the first stream input whose last three sizes multiply to its token
     count (dimension 1 of a ``(batch, tokens, width)`` stream)."""
-    stream_in = structure.stream[0].input
+    stream_in = _first_stream_tensor(structure, "frame_grid").input
     value = example_value(stream_in)
     if isinstance(value, torch.Tensor) and value.dim() == 3:
         order = structure.order
@@ -118,7 +129,7 @@ def resolve_feature(structure, name: str) -> fx.Node:
     if name == "frame_grid":
         return _frame_grid(structure)
     if name in ("stream_input", "stream_output"):
-        first = structure.stream[0]
+        first = _first_stream_tensor(structure, name)
         return first.input if name == "stream_input" else first.output
     kind, _, token = name.partition(":")
     if kind != "indicator" and not BLOCK_FEATURE.fullmatch(name):

@@ -3,8 +3,8 @@
 Order (each pass reads what the previous ones found, none changes the graph):
 
 1. ``find_block_stack``  - the repeated blocks (``blocks.py``)
-2. ``split_regions``     - head / body / tail node sets, hoisting body-range nodes that do not need
-                           the blocks into the head
+2. ``split_regions``     - prologue / body / epilogue node sets, hoisting body-range nodes that do not
+                           need the blocks into the prologue
 3. ``check_body``        - the body is convex and writes into nothing made outside it
 4. ``find_residual_stream`` - stream tensors and their in/out pairing (``residual_stream.py``)
 5. ``find_timestep``     - timestep input and embedding (``timestep.py``)
@@ -36,9 +36,9 @@ class DenoiserStructure:
 
     gm: fx.GraphModule
     stacks: list[BlockStack]
-    head: set[fx.Node]
-    body: set[fx.Node]
-    tail: set[fx.Node]
+    prologue: set[fx.Node]  # before the block stack (the partition's head starts from it)
+    body: set[fx.Node]  # the block stack's range
+    epilogue: set[fx.Node]  # after the block stack
     stream: list[StreamTensor]
     side_inputs: list[fx.Node]
     timestep_input: fx.Node | None
@@ -76,24 +76,24 @@ class DenoiserStructure:
 
 
 def split_regions(gm: fx.GraphModule, stacks: list[BlockStack]) -> tuple[set, set, set]:
-    """Head: before the first block; tail: after the last; body: the range between them.
+    """Prologue: before the first block; epilogue: after the last; body: the range between them.
 
     A node in the range that belongs to no block and depends on no body node (an embedding computed
-    lazily between blocks, say) is hoisted into the head, so the body holds only block work.
+    lazily between blocks, say) is hoisted into the prologue, so the body holds only block work.
     """
     block_nodes = {n for s in stacks for b in s.blocks for n in b.nodes}
     nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
     positions = [i for i, n in enumerate(nodes) if n in block_nodes]
     first, last = positions[0], positions[-1]
-    head = set(nodes[:first])
-    tail = set(nodes[last + 1:])
+    prologue = set(nodes[:first])
+    epilogue = set(nodes[last + 1:])
     body: set[fx.Node] = set()
     for n in nodes[first:last + 1]:
         if n not in block_nodes and not any(a in body for a in n.all_input_nodes):
-            head.add(n)
+            prologue.add(n)
         else:
             body.add(n)
-    return head, body, tail
+    return prologue, body, epilogue
 
 
 def _check_whole(root, parent: str, indices: list) -> None:

@@ -49,7 +49,7 @@ def calibratable(policy) -> type[Policy]:
 
 
 def compute_budget(num_steps: int, target_speedup: float | None, target_steps: int | None) -> int:
-    """Computed steps per stream allowed by a target: ``floor(num_steps / target_speedup)`` (so the
+    """Computed steps per branch allowed by a target: ``floor(num_steps / target_speedup)`` (so the
     speedup in computed steps is at least the target) or ``target_steps`` as given."""
     if target_steps is not None:
         return target_steps
@@ -87,13 +87,13 @@ def _search(policy: str, recording: Recording, indicator: str, degree: int, opti
 
 
 def _check(run, model, profile: Profile, recording: Recording, inner) -> dict:
-    """One real generation with the calibrated policy: computed steps per stream, and the output's relative
+    """One real generation with the calibrated policy: computed steps per branch, and the output's relative
     L1 against the first recorded (fully computed) generation when ``run`` returns a tensor."""
     backend = CachepassBackend(policy=profile.policy, profile=profile, inner=inner, num_steps=profile.num_steps)
     with intercept(model, backend):
         out = output_tensor(call_run(run, 0))
-        streams = stats(model).streams
-    measured: dict = {"computed_steps": [len(s.computed_steps) for s in streams]}
+        branches = stats(model).branches
+    measured: dict = {"computed_steps": [len(s.computed_steps) for s in branches]}
     reference = recording.outputs[0] if recording.outputs else None
     if out is not None and reference is not None and out.shape == reference.shape:
         measured["output_rel_l1"] = round(relative_l1(out, reference), 6)
@@ -124,8 +124,8 @@ def calibrate(
     gets the generation index). It is run ``generations`` times with every step computed (seed it: the
     check compares against the first), the fit and the threshold come from replaying those trajectories,
     and with ``check`` one more cached generation measures what the prediction said. Give one target:
-    ``target_speedup`` (computed steps per stream at most ``floor(steps / target_speedup)``; 2.0 when no
-    target is given), ``target_steps`` (that many computed steps per stream) or ``max_error`` (predicted
+    ``target_speedup`` (computed steps per branch at most ``floor(steps / target_speedup)``; 2.0 when no
+    target is given), ``target_steps`` (that many computed steps per branch) or ``max_error`` (predicted
     mean relative L1 error of the block-stack output per call). ``recording`` reuses an earlier
     :func:`record` instead of recording again. ``options``: the policy's own (its ``Calibration.options``):
     ``max_skip_steps``, ``retention_ratio`` for magcache (``max_skip_steps`` left unset is raised from 4 until
@@ -155,9 +155,9 @@ def calibrate(
     report = {
         "fit": fit_report,
         "target": target,
-        "predicted": {"computed_steps": chosen.computed_per_stream(), "stack_error": round(chosen.error, 6)},
+        "predicted": {"computed_steps": chosen.computed_per_branch(), "stack_error": round(chosen.error, 6)},
         "recording": {"generations": len({t.generation for t in recording.trajectories}),
-                      "streams": recording.streams, "window": recording.window},
+                      "branches": recording.num_branches, "window": recording.window},
     }
     profile = Profile(policy, {"threshold": chosen.threshold, **fixed}, n, recording.model, report)
     profile = Profile.from_dict(profile.to_dict(), "<calibrated>")  # what a saved profile would load as

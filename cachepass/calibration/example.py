@@ -1,7 +1,7 @@
 """``cachepass calibrate``: calibration on the embedded digits model, as an example to copy.
 
 Calibrates ``teacache`` (or ``magcache``) on the digits Wan through the real ``WanPipeline`` (CFG, two
-streams), saves the profile and prints it with predicted against measured computed steps and error.
+branches), saves the profile and prints it with predicted against measured computed steps and error.
 ``compare=True`` also runs the uncalibrated ``teacache`` default and the calibrated profile at the same
 computed steps and prints their PSNR against the full generation (the numbers in docs/calibration.md).
 """
@@ -24,7 +24,7 @@ def _cached(pipe, model, run, options) -> tuple[list[int], torch.Tensor]:
     try:
         with torch.no_grad():
             out = run(0)
-        return [len(s.computed_steps) for s in stats(pipe.transformer).streams], out
+        return [len(s.computed_steps) for s in stats(pipe.transformer).branches], out
     finally:
         pipe.transformer = model
 
@@ -54,7 +54,7 @@ def calibrate_digits(policy: str = "teacache", steps: int = 50, digits: tuple[in
         same = calibrate(run, model, policy="teacache", target_steps=default_steps[0], recording=recording,
                          check=False)
         cal_steps, cal_out = _cached(pipe, model, run, {**base, "policy": "teacache", "profile": same})
-        log(f"{'teacache':<28} {'computed/stream':>16} {'PSNR dB':>8} {'rel L1':>8}")
+        log(f"{'teacache':<28} {'computed/branch':>16} {'PSNR dB':>8} {'rel L1':>8}")
         for name, got, o in (("default (Wan2.1 preset, 0.2)", default_steps, default_out),
                              (f"calibrated (threshold {same.options['threshold']:.4f})", cal_steps, cal_out)):
             log(f"{name:<28} {'/'.join(map(str, got)):>16} {psnr(o, full):>8.2f} {relative_l1(o, full):>8.4f}")

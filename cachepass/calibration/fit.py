@@ -55,7 +55,7 @@ def fit_polynomial(x, y, degree: int = 4, indicator: str = "") -> PolyFit:
 
 def fit_teacache(recording: Recording, indicator: str, degree: int = 4) -> PolyFit:
     """The rescale polynomial for ``indicator``: indicator change -> one-step reuse error, pooled over
-    every recorded stream and generation (step 0 has no change and is left out)."""
+    every recorded branch and generation (step 0 has no change and is left out)."""
     if indicator not in recording.indicators:
         raise OptionError(f"indicator {indicator!r} was not recorded (this model provides "
                           f"{', '.join(recording.indicators) or 'none'})")
@@ -67,10 +67,10 @@ def fit_teacache(recording: Recording, indicator: str, degree: int = 4) -> PolyF
 
 
 def magnitude_ratios(recording: Recording) -> list[list[float]]:
-    """MagCache's ratios per stream and step: the mean over recorded generations of
+    """MagCache's ratios per branch and step: the mean over recorded generations of
     ``mean_tokens(|R_t| / |R_{t-1}|)`` (1.0 at step 0)."""
     table = []
-    for stream in range(recording.streams):
-        rows = [t.magnitude_ratio for t in recording.trajectories if t.stream == stream]
+    for branch in range(recording.num_branches):
+        rows = [t.magnitude_ratio for t in recording.trajectories if t.branch_index == branch]
         table.append([float(v) for v in np.mean(np.asarray(rows, dtype=np.float64), axis=0)])
     return table

@@ -93,7 +93,7 @@ class ModelFingerprint:
 
 # --- field checks --------------------------------------------------------------------------------
 
-#: A profile file larger than this is not read (10_000 steps x 64 streams of ratios fit in it).
+#: A profile file larger than this is not read (10_000 steps x 64 branches of ratios fit in it).
 MAX_PROFILE_BYTES = 64 * 2**20
 
 
@@ -219,6 +219,22 @@ def _options(source: str, policy: str, options: Any, num_steps: int) -> dict:
 
 # --- the profile ---------------------------------------------------------------------------------
 
+#: Report keys renamed since version 1 was first written: (section, old key, new key). A profile is read
+#: with either; the new key is what is written and what a loaded profile holds.
+_RENAMED_REPORT_KEYS = (("recording", "streams", "branches"),)
+
+
+def _upgrade_report(report: dict) -> dict:
+    """``report`` with the old keys of :data:`_RENAMED_REPORT_KEYS` under their new names (a copy when
+    one is renamed; a key present under both names keeps the new one)."""
+    for section, old, new in _RENAMED_REPORT_KEYS:
+        entries = report.get(section)
+        if isinstance(entries, dict) and old in entries:
+            renamed = {new if k == old else k: v for k, v in entries.items() if not (k == old and new in entries)}
+            report = {**report, section: renamed}
+    return report
+
+
 @dataclass
 class Profile:
     """A calibrated policy for one model and step count. ``options`` are the policy's; ``report`` holds the
@@ -267,7 +283,7 @@ class Profile:
         fingerprint = ModelFingerprint(_typed(source, "model.class", model["class"], str, "a string"),
                                        _integer(source, "model.parameters", model["parameters"], minimum=0),
                                        _typed(source, "model.digest", model["digest"], str, "a string"))
-        report = _object(source, "report", data.get("report", {}))
+        report = _upgrade_report(_object(source, "report", data.get("report", {})))
         return cls(policy, _options(source, policy, data["options"], num_steps), num_steps, fingerprint,
                    report, source)
 
@@ -322,7 +338,7 @@ class Profile:
 
     def check_steps(self, num_steps: int | None) -> bool:
         """Warn when a generation has another step count than the one the profile was calibrated at: once
-        per profile and step count (in this process, whatever the streams, graphs or loads), at DEBUG after."""
+        per profile and step count (in this process, whatever the branches, graphs or loads), at DEBUG after."""
         if num_steps is None or num_steps == self.num_steps:
             return True
         warn_once(
@@ -338,7 +354,7 @@ class Profile:
                  f"parameters), {self.num_steps} steps"]
         for key, value in self.options.items():
             if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
-                value = f"{len(value)} stream(s) x {len(value[0])} steps"  # a table per stream and step
+                value = f"{len(value)} branch(es) x {len(value[0])} steps"  # a table per branch and step
             elif isinstance(value, list) and all(isinstance(v, float) for v in value):
                 value = "[" + ", ".join(f"{c:.6g}" for c in value) + "]"
             lines.append(f"  {key}: {value}")

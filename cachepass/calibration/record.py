@@ -1,4 +1,4 @@
-"""Recording: the user's generations with every step computed, and per stream and step what a fit needs.
+"""Recording: the user's generations with every step computed, and per branch and step what a fit needs.
 
 The user's model is compiled in place for the duration (its ``_compiled_call_impl``, what
 ``nn.Module.compile`` sets) with the cachepass backend and a recording policy that always computes and
@@ -6,7 +6,7 @@ observes the first stream tensor entering and leaving the block stack plus the i
 Afterwards the model, Dynamo's cache for the wrapper and cachepass's registry are put back as they were,
 so calibrating leaves nothing behind.
 
-Per stream and step the recording keeps: each indicator's relative L1 change against the previous step
+Per branch (cond, uncond) and step the recording keeps: each indicator's relative L1 change against the previous step
 (what TeaCache accumulates), the stack output's mean magnitude, MagCache's magnitude ratio of successive
 residuals, and, for every earlier step ``t0`` within ``window`` steps, ``mean|R_t - R_t0|``: the error
 reusing ``t0``'s residual at step ``t`` makes in the stack output (``R = output - input`` of the stack).
@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from .._deprecation import renamed_attribute, renamed_keywords
 from .._dynamo import reset_code, unwrap
 from .._logging import get_logger
 from ..backend import compile_with_settings
@@ -40,12 +41,14 @@ log = get_logger(__name__)
 INDICATOR_CANDIDATES = ("timestep_embedding", "modulated_input")
 
 
+@renamed_keywords({"stream": "branch_index"})
 @dataclass
 class Trajectory:
-    """One stream of one recorded generation, every step computed."""
+    """One branch (cond, uncond) of one recorded generation, every step computed. ``branch_index`` is the
+    branch's rank in the generation (``CallContext.branch_index``); ``stream`` (deprecated) is the same."""
 
     generation: int
-    stream: int
+    branch_index: int
     window: int
     timesteps: list[float | None] = field(default_factory=list)
     indicator_change: dict[str, list[float]] = field(default_factory=dict)  # step 0: nan
@@ -74,21 +77,26 @@ class Trajectory:
         """Per step from 1: the error of reusing the previous step's residual (TeaCache's fit target)."""
         return [self.reuse_error(t - 1, t) for t in range(1, self.num_steps)]
 
+    stream = renamed_attribute("branch_index", "Trajectory.stream", "Trajectory.branch_index")
+
 
 @dataclass
 class Recording:
-    """What :func:`record` returns: the trajectories (generation-major, stream-minor) and the model's outputs."""
+    """What :func:`record` returns: the trajectories (generation-major, branch-minor) and the model's outputs.
+    ``num_branches``: the branches per generation (``streams``, deprecated, is the same)."""
 
     trajectories: list[Trajectory]
     num_steps: int
     indicators: tuple[str, ...]
     window: int
     model: ModelFingerprint
-    outputs: list[torch.Tensor | None]  # per generation, the output of ``run`` (tensor part), for checks
+    outputs: list[torch.Tensor | None]  # per generation, the output of ``run`` (its tensor), for checks
 
     @property
-    def streams(self) -> int:
-        return max(t.stream for t in self.trajectories) + 1
+    def num_branches(self) -> int:
+        return max(t.branch_index for t in self.trajectories) + 1
+
+    streams = renamed_attribute("num_branches", "Recording.streams", "Recording.num_branches")
 
 
 # --- the recording policy ------------------------------------------------------------------------
@@ -100,7 +108,7 @@ class RecordConfig(PolicyConfig):
 
 
 @dataclass
-class _StreamRecorder:
+class _BranchRecorder:
     trajectory: Trajectory | None = None
     previous: dict[str, torch.Tensor] = field(default_factory=dict)
     residuals: deque = field(default_factory=deque)  # (step, residual), newest last
@@ -120,15 +128,15 @@ class RecordingPolicy(Policy):
         observe = ("stream_input", "stream_output", *(f"indicator:{i}" for i in self.config.indicators))
         return Requirements(indicator=None, observe=observe, reuses=False)
 
-    def new_state(self) -> _StreamRecorder:
-        return _StreamRecorder(residuals=deque(maxlen=self.config.window))
+    def new_state(self) -> _BranchRecorder:
+        return _BranchRecorder(residuals=deque(maxlen=self.config.window))
 
     def decide(self, state, ctx: CallContext, indicator) -> bool:
         return True
 
-    def after_compute(self, state: _StreamRecorder, ctx: CallContext, observed: dict[str, torch.Tensor]) -> None:
+    def after_compute(self, state: _BranchRecorder, ctx: CallContext, observed: dict[str, torch.Tensor]) -> None:
         if state.trajectory is None:
-            state.trajectory = Trajectory(ctx.generation, ctx.stream, self.config.window,
+            state.trajectory = Trajectory(ctx.generation, ctx.branch_index, self.config.window,
                                           indicator_change={i: [] for i in self.config.indicators})
             self.trajectories.append(state.trajectory)
         traj = state.trajectory
@@ -225,7 +233,7 @@ def call_run(run: Callable, generation: int):
 
 
 def output_tensor(result: Any) -> torch.Tensor | None:
-    """The tensor part of what ``run`` returned: a tensor, an array, ``.frames`` / ``.images`` / ``.sample``
+    """The tensor in what ``run`` returned: a tensor, an array, ``.frames`` / ``.images`` / ``.sample``
     of a pipeline output, or the first element of a tuple or list; ``None`` if there is none."""
     if isinstance(result, torch.Tensor):
         return result.detach()
@@ -271,6 +279,6 @@ def record(run: Callable, model: torch.nn.Module, *, generations: int = 1, windo
         raise OptionError(f"calibration needs every recorded generation to have the same number of steps, got "
                           f"{sorted(steps)}; run the same step count each time")
     found = tuple(i for i in indicators if i in trajectories[0].indicator_change)
-    log.info("calibration: recorded %d stream(s) x %d generation(s) of %d steps; indicators %s",
-             len({t.stream for t in trajectories}), generations, trajectories[0].num_steps, found)
+    log.info("calibration: recorded %d branch(es) x %d generation(s) of %d steps; indicators %s",
+             len({t.branch_index for t in trajectories}), generations, trajectories[0].num_steps, found)
     return Recording(trajectories, trajectories[0].num_steps, found, window, ModelFingerprint.of(model), outputs)

@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from .._deprecation import renamed_attribute, warn_renamed
 from .._logging import get_logger
 from ..errors import OptionError
 from ..policies.base import CallContext, Policy
@@ -32,12 +33,13 @@ BISECTIONS = 60
 
 @dataclass(frozen=True)
 class Replay:
-    """One threshold replayed: the computed steps of every recorded trajectory and the predicted error."""
+    """One threshold replayed: the computed steps of every recorded trajectory and the predicted error.
+    (``streams`` and ``computed_per_stream``, deprecated: ``branch_indices``, ``computed_per_branch``.)"""
 
     threshold: float
     computed: list[list[int]]  # per trajectory (recording order), the computed steps
     errors: list[float]  # per trajectory: mean over its calls of the stack-output reuse error
-    streams: list[int]  # per trajectory, its stream
+    branch_indices: list[int]  # per trajectory, its branch's index (Trajectory.branch_index)
 
     @property
     def max_computed(self) -> int:
@@ -47,12 +49,19 @@ class Replay:
     def error(self) -> float:
         return sum(self.errors) / len(self.errors)
 
-    def computed_per_stream(self) -> list[int]:
-        """Per stream, the most computed steps over the recorded generations."""
+    def computed_per_branch(self) -> list[int]:
+        """Per branch, the most computed steps over the recorded generations."""
         out: dict[int, int] = {}
-        for stream, steps in zip(self.streams, self.computed):
-            out[stream] = max(out.get(stream, 0), len(steps))
-        return [out[s] for s in sorted(out)]
+        for branch, steps in zip(self.branch_indices, self.computed):
+            out[branch] = max(out.get(branch, 0), len(steps))
+        return [out[b] for b in sorted(out)]
+
+    streams = renamed_attribute("branch_indices", "Replay.streams", "Replay.branch_indices")
+
+    def computed_per_stream(self) -> list[int]:
+        """Deprecated: :meth:`computed_per_branch`."""
+        warn_renamed("Replay.computed_per_stream()", "Replay.computed_per_branch()")
+        return self.computed_per_branch()
 
 
 def replay_trajectory(policy: Policy, traj: Trajectory, indicator: str | None) -> list[int]:
@@ -64,7 +73,7 @@ def replay_trajectory(policy: Policy, traj: Trajectory, indicator: str | None) -
     for step in range(traj.num_steps):
         if indicator is not None and step > 0:
             value = value * (1.0 + traj.indicator_change[indicator][step])
-        ctx = CallContext(traj.generation, step, traj.stream, traj.num_steps, traj.timesteps[step])
+        ctx = CallContext(traj.generation, step, traj.branch_index, traj.num_steps, traj.timesteps[step])
         if policy.decide(state, ctx, value if indicator is not None else None) or not computed:
             computed.append(step)
     return computed
@@ -96,7 +105,7 @@ class ThresholdSearch:
             trajs = self.recording.trajectories
             computed = [replay_trajectory(policy, t, self.indicator) for t in trajs]
             errors = [predicted_error(t, c) for t, c in zip(trajs, computed)]
-            self._cache[threshold] = Replay(threshold, computed, errors, [t.stream for t in trajs])
+            self._cache[threshold] = Replay(threshold, computed, errors, [t.branch_index for t in trajs])
         return self._cache[threshold]
 
     def count(self, threshold: float) -> int:
@@ -125,12 +134,12 @@ class ThresholdSearch:
         return self._bisect(lambda thr: self.count(thr) <= steps, ceiling)[1]
 
     def for_steps(self, steps: int) -> Replay:
-        """The threshold whose replay computes at most ``steps`` steps in every stream, exactly ``steps``
+        """The threshold whose replay computes at most ``steps`` steps in every branch, exactly ``steps``
         when some threshold gives that; placed mid-way in the range of thresholds giving the same count."""
         ceiling = self._ceiling()
         fewest, most = self.count(ceiling), self.recording.num_steps
         if steps < fewest:
-            log.warning("calibration: no threshold computes fewer than %d steps per stream with this policy's "
+            log.warning("calibration: no threshold computes fewer than %d steps per branch with this policy's "
                         "forced steps; asked for %d", fewest, steps)
             steps = fewest
         if steps >= most:
@@ -141,7 +150,7 @@ class ThresholdSearch:
             high = self.smallest_with_at_most(steps - 1, ceiling) if steps > fewest else ceiling * 2
             mid = (low + high) / 2
             return self.replay(mid if self.count(mid) == steps else low)
-        log.warning("calibration: no threshold computes exactly %d steps per stream on the recording; the "
+        log.warning("calibration: no threshold computes exactly %d steps per branch on the recording; the "
                     "nearest below computes %d", steps, got)
         return self.replay(low)
 

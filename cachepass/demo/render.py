@@ -36,12 +36,12 @@ def side_by_side_gif(videos: dict[str, np.ndarray], path: Path, ms_per_frame: in
 
 
 def computed_steps_chart(schedules: dict[str, list[list[int]]], num_steps: int, path: Path) -> Path:
-    """``schedules``: label -> computed steps per stream. A row per (label, stream); filled = computed."""
-    rows = [(f"{label} s{i}", set(steps)) for label, streams in schedules.items() for i, steps in enumerate(streams)]
+    """``schedules``: label -> computed steps per branch. A row per (label, branch); filled = computed."""
+    rows = [(f"{label} s{i}", set(steps)) for label, branches in schedules.items() for i, steps in enumerate(branches)]
     cell, left = 8, 130
     img = Image.new("RGB", (left + num_steps * cell + 4, 16 + len(rows) * (cell + 2)), "white")
     draw = ImageDraw.Draw(img)
-    draw.text((2, 2), "computed steps (filled) per policy and stream", fill="black")
+    draw.text((2, 2), "computed steps (filled) per policy and branch", fill="black")
     for r, (label, steps) in enumerate(rows):
         y = 16 + r * (cell + 2)
         draw.text((2, y - 2), label[:20], fill="black")

@@ -26,7 +26,7 @@ DEMO_OPTIONS: dict[str, dict] = {"interval": {"interval": 3}}
 @dataclass
 class DemoRow:
     policy: str
-    computed: list[int]  # computed steps per stream
+    computed: list[int]  # computed steps per branch
     seconds: float
     speedup: float
     psnr: float
@@ -81,8 +81,8 @@ def run_demo(
         with torch.no_grad():
             generate(pipe, digits, num_inference_steps=steps, seed=seed)  # warm-up: compiles
             seconds, out = _timed(pipe, digits, steps, seed, repeats)
-        streams = cache_stats(pipe.transformer).streams
-        schedule = [s.computed_steps for s in streams]
+        branches = cache_stats(pipe.transformer).branches
+        schedule = [s.computed_steps for s in branches]
         rows.append(DemoRow(name, [len(s) for s in schedule], seconds, full_s / seconds,
                             psnr(out, reference), relative_l1(out, reference), schedule))
         videos[name] = to_frames(out)
@@ -98,7 +98,7 @@ def run_demo(
 
 
 def format_table(rows: list[DemoRow]) -> str:
-    header = f"{'policy':<12} {'computed/stream':>16} {'seconds':>8} {'speedup':>8} {'PSNR dB':>8} {'rel L1':>8}"
+    header = f"{'policy':<12} {'computed/branch':>16} {'seconds':>8} {'speedup':>8} {'PSNR dB':>8} {'rel L1':>8}"
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(f"{r.policy:<12} {'/'.join(map(str, r.computed)):>16} {r.seconds:>8.2f} "

@@ -1,7 +1,7 @@
 """``adacache``: after each computed step, choose how many steps to reuse from how much a feature moved.
 
 AdaCache (arXiv 2411.02397), as the reference implements it for Wan2.1. On every computed step of a
-stream the policy reads one body feature (default: the middle block's self-attention output) and
+branch the policy reads one body feature (default: the middle block's self-attention output) and
 compares it with the previous computed step's:
 
 * ``d = |prev - now|_1 / |prev|_1``, divided by the gap between the two computed steps;
@@ -10,7 +10,7 @@ compares it with the previous computed step's:
   window), ``mograd = 10 (moreg - prev_moreg) / gap``, ``moreg += |mograd|``, ``d *= moreg``;
 * the codebook maps ``d`` to the next interval: the first upper bound above ``d`` wins (else the last).
 
-The stream then reuses the cached residual until that interval has elapsed. The ``warmup`` first
+The branch then reuses the cached residual until that interval has elapsed. The ``warmup`` first
 steps (``0, 1``) and the ``final_steps`` last ones are computed (the last ones only when the step
 count is known; motion regularisation too, since its window is a fraction of it).
 
@@ -220,8 +220,8 @@ class AdaCachePolicy(Policy):
         interval = codebook_interval(self.config.resolved_codebook(ctx.num_steps), distance)
         state.next_step = ctx.step + interval
         state.intervals.append((ctx.step, distance, interval))
-        log.debug("adacache: stream %d step %d: distance %.4g -> next compute at step %d",
-                  ctx.stream, ctx.step, distance, state.next_step)
+        log.debug("adacache: branch %d step %d: distance %.4g -> next compute at step %d",
+                  ctx.branch_index, ctx.step, distance, state.next_step)
 
     def _motion_tokens(self, ctx: CallContext, observed: dict) -> int | None:
         """Tokens per frame when this step's distance is motion-regularised, else ``None``."""

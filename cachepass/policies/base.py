@@ -7,11 +7,11 @@ A policy is split in two so that the compiler pass never needs to know the algor
   first block's modulated input, the first block's output, the front blocks' residual), which body
   tensors a computed call hands back (feature names, :mod:`cachepass.analysis.features`) and how a
   skipped call is rebuilt (a :class:`~cachepass.reconstruction.Reconstruction`);
-* at run time, per call, :meth:`Policy.decide` sees a :class:`CallContext` (generation, step, stream,
+* at run time, per call, :meth:`Policy.decide` sees a :class:`CallContext` (generation, step, branch,
   number of steps when known) and the indicator tensor, and returns ``True`` to compute the block stack
   or ``False`` to reuse the cache; after a computed call :meth:`Policy.after_compute` gets the observed
   tensors by name. A policy keeps all its mutable data in the state object it created with
-  :meth:`Policy.new_state`; the runtime keeps one such state per stream and makes a new one at every
+  :meth:`Policy.new_state`; the runtime keeps one such state per branch and makes a new one at every
   generation, so policies never reset themselves.
 
 A policy class also declares its :attr:`Policy.examples` (the option sets the tests run it with) and, when
@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from .._deprecation import renamed_attribute, renamed_keywords, renamed_module_attributes
 from ..analysis import indicators as _indicators
 from ..analysis.features import check_feature_name, indicator_name
 from ..errors import OptionError
@@ -76,13 +77,15 @@ class Requirements:
         object.__setattr__(self, "observe", observe)
 
 
+@renamed_keywords({"stream": "branch_index"})
 @dataclass(frozen=True)
 class CallContext:
     """Where one denoiser call sits in the sampling loop (:mod:`cachepass.runtime.placement`).
 
-    ``generation`` is the request (per module instance), ``stream`` the branch's rank in it and
-    ``branch`` its name when the pipeline gave one (``"cond"``); ``num_steps`` is known from the first
-    request on or never (the ``num_steps`` option, or the pipeline's step count).
+    ``generation`` is the request (per module instance), ``branch_index`` the branch's rank in it (cond,
+    uncond: in order of first appearance) and ``branch`` its name when the pipeline gave one (``"cond"``);
+    ``num_steps`` is known from the first request on or never (the ``num_steps`` option, or the pipeline's
+    step count). ``stream`` (deprecated) is ``branch_index``.
 
     ``sync`` sums a decision's statistics over the ranks that must decide together (sequence
     parallelism; identity on one process): a policy stacks every sum one decision reads into one tensor
@@ -91,7 +94,7 @@ class CallContext:
 
     generation: int
     step: int
-    stream: int
+    branch_index: int
     num_steps: int | None
     timestep: float | None
     sync: DecisionSync = LOCAL
@@ -100,6 +103,8 @@ class CallContext:
     @property
     def is_last_step(self) -> bool:
         return self.num_steps is not None and self.step >= self.num_steps - 1
+
+    stream = renamed_attribute("branch_index", "CallContext.stream", "CallContext.branch_index")
 
 
 @dataclass(frozen=True)
@@ -162,7 +167,7 @@ class Policy(ABC):
         """Declared once, at compile time."""
 
     def new_state(self) -> Any:
-        """Fresh per-stream state for a new generation."""
+        """Fresh per-branch state for a new generation."""
         return None
 
     @abstractmethod
@@ -233,7 +238,7 @@ class Calibration:
             budget: int | None) -> CalibrationFit:
         """Fit the policy to ``recording``. ``indicator`` and ``degree`` are ``calibrate``'s (a policy that
         decides on no indicator ignores them), ``options`` the policy's own from :attr:`options`,
-        ``budget`` the computed steps per stream the target allows (``None`` for an error target)."""
+        ``budget`` the computed steps per branch the target allows (``None`` for an error target)."""
         raise NotImplementedError
 
     def search(self, recording, fixed: dict[str, Any], indicator: str | None):
@@ -255,8 +260,8 @@ class Calibration:
 
 #: Documented maxima (docs/policies.md). Steps per generation, and so every step count or interval option.
 MAX_STEPS = 10_000
-#: Streams (cond, uncond, ...) a magcache ratio table may hold.
-MAX_STREAMS = 64
+#: Branches (cond, uncond, ...) a magcache ratio table may hold.
+MAX_BRANCHES = 64
 #: Coefficients of a TeaCache polynomial (degree 31 at most).
 MAX_COEFFICIENTS = 32
 #: Entries of an AdaCache codebook.
@@ -397,7 +402,7 @@ def native(value: Any, depth: int = 0) -> Any:
     if depth >= 8:
         return value
     if isinstance(value, np.ndarray):
-        if value.dtype.kind in "biuf" and value.ndim <= 2 and value.size <= MAX_STEPS * MAX_STREAMS:
+        if value.dtype.kind in "biuf" and value.ndim <= 2 and value.size <= MAX_STEPS * MAX_BRANCHES:
             return native(value.tolist(), depth + 1)
         return value
     if type(value) in (list, tuple):
@@ -466,3 +471,7 @@ def is_forced_step(ctx: CallContext, first: int, last: int = 0) -> bool:
     if ctx.step < first:
         return True
     return last > 0 and ctx.num_steps is not None and ctx.step >= ctx.num_steps - last
+
+
+#: ``MAX_STREAMS`` (deprecated): :data:`MAX_BRANCHES`
+__getattr__ = renamed_module_attributes(__name__, {"MAX_STREAMS": "MAX_BRANCHES"})

@@ -15,7 +15,7 @@ from ..runtime.distributed import LOCAL, DecisionSync
 def l1_sums(now: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
     """``[sum|now - before|, sum|before|]`` as one tensor on the inputs' device.
 
-    In float32 at least, so half-precision features do not round the distance (and the sums stay
+    In float32 at least, so half-precision tensors do not round the distance (and the sums stay
     summable across ranks without overflow).
     """
     work = torch.promote_types(now.dtype, torch.float32)

@@ -3,9 +3,9 @@
 First-Block-Cache (ParaAttention; diffusers' ``FirstBlockCache``). Block 0 is computed on every call
 (``compute_first=1``) and its residual ``r = out_0 - in_0`` is the indicator (``front_residual``): the
 call reuses the cached residual of blocks ``1..N-1`` while ``mean|r - r_ref| / mean|r_ref| < threshold``,
-where ``r_ref`` is the first block's residual at the last *computed* call of the stream (so slow drift
+where ``r_ref`` is the first block's residual at the last *computed* call of the branch (so slow drift
 accumulates until it recomputes). The residual, not the block's output, as diffusers and cache-dit
-compare: the output carries the whole stream, whose size hides the change, so thresholds carry over.
+compare: the output carries the whole residual stream, whose size hides the change, so thresholds carry over.
 The ``warmup`` first steps and the ``final_steps`` last ones (step count known) are computed.
 """
 
@@ -65,7 +65,7 @@ class FBCachePolicy(Policy):
     examples = {
         "tiny": {},
         # on the front residual, which moves a lot in the random sequence-parallel model; chosen so that two
-        # latents give different schedules and unsynchronised shards part (tests/test_distributed.py)
+        # latents give different schedules and unsynchronised shards diverge (tests/test_distributed.py)
         "sequence_parallel": {"threshold": 0.44},
     }
 

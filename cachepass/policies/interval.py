@@ -1,4 +1,4 @@
-"""``interval``: compute every N-th step of each stream and reuse the last residual in between.
+"""``interval``: compute every N-th step of each branch and reuse the last residual in between.
 
 The simplest schedule that exercises both compiled variants; also a baseline that adaptive policies
 must beat. Steps ``0, N, 2N, ...`` are computed. With ``compute_last=True`` the last step is computed

@@ -1,11 +1,11 @@
 """``magcache``: skip while the error predicted from calibrated residual magnitude ratios stays small.
 
 MagCache (Ma et al., arXiv 2506.09045; github.com/Zehong-Ma/MagCache). Calibration measures, per step
-``t`` and stream, the magnitude ratio of successive block-stack residuals
+``t`` and branch (cond, uncond), the magnitude ratio of successive block-stack residuals
 ``gamma_t = mean_tokens(|R_t| / |R_{t-1}|)`` (norms over the channel axis). Those ratios are nearly the
 same for every prompt of a model, so the decision needs no run-time statistic at all: reusing the
 residual of step ``t0`` at step ``t`` is estimated to be off by ``|1 - prod_{t0<s<=t} gamma_s|``. Per
-call and stream, after the retention steps:
+call and branch, after the retention steps:
 
 ```
 acc_ratio *= gamma_t;  acc_steps += 1;  acc_err += |1 - acc_ratio|
@@ -13,7 +13,7 @@ reuse while acc_err <= threshold and acc_steps <= max_skip_steps; otherwise comp
 ```
 
 The first ``int(retention_ratio * N + 0.5)`` steps are always computed. Since the schedule depends only on
-the step index, every stream (and every process of a sequence-parallel run) decides the same way from
+the step index, every branch (and every process of a sequence-parallel run) decides the same way from
 the same ratios without exchanging anything.
 """
 
@@ -25,11 +25,12 @@ from typing import Any
 
 import numpy as np
 
+from .._deprecation import renamed_module_attributes
 from .._logging import get_logger, warn_once
 from ..errors import OptionError
 from .base import (
+    MAX_BRANCHES,
     MAX_STEPS,
-    MAX_STREAMS,
     Calibration,
     CalibrationFit,
     CallContext,
@@ -57,7 +58,7 @@ class MagCacheConfig(PolicyConfig):
     threshold: float | None = None  # None: the profile's, else 0.12
     max_skip_steps: int | None = None  # K, consecutive reuses at most; None: the profile's, else 4
     retention_ratio: float | None = None  # first steps always computed; None: the profile's, else 0.2
-    mag_ratios: Any = None  # per step (all streams) or per stream, per step; None: the profile's
+    mag_ratios: Any = None  # per step (all branches) or per branch, per step; None: the profile's
     profile: Any = None  # a calibration profile (path or cachepass.calibration.Profile) with the ratios
 
     def validate(self) -> None:
@@ -77,16 +78,16 @@ class MagCacheConfig(PolicyConfig):
                 "cachepass.calibrate(..., policy='magcache') or `cachepass calibrate`) or option 'mag_ratios'"
             )
         return replace(config, threshold=threshold, max_skip_steps=max_skip, retention_ratio=retention,
-                       mag_ratios=ratios_per_stream(config.mag_ratios))
+                       mag_ratios=ratios_per_branch(config.mag_ratios))
 
 
-def ratios_per_stream(value: Any) -> list[list[float]]:
-    """The option ``mag_ratios`` as one list of per-step ratios per stream (a flat list: all streams).
+def ratios_per_branch(value: Any) -> list[list[float]]:
+    """The option ``mag_ratios`` as one list of per-step ratios per branch (a flat list: all branches).
 
     A list (or tuple, or numpy array) of 1 to ``MAX_STEPS`` finite positive numbers, or a list of 1 to
-    ``MAX_STREAMS`` such lists of one length; a dict, a string or a scalar is an error."""
-    want = (f"a list of 1 to {MAX_STEPS} finite positive numbers (one per step) or a list of 1 to {MAX_STREAMS} "
-            "such lists of the same length (one per stream)")
+    ``MAX_BRANCHES`` such lists of one length; a dict, a string or a scalar is an error."""
+    want = (f"a list of 1 to {MAX_STEPS} finite positive numbers (one per step) or a list of 1 to {MAX_BRANCHES} "
+            "such lists of the same length (one per branch)")
     if isinstance(value, np.ndarray) and value.ndim == 2:
         value = value.tolist()
     if not is_sequence(value) or len(value) == 0:
@@ -94,16 +95,16 @@ def ratios_per_stream(value: Any) -> list[list[float]]:
     nested = [is_sequence(v) for v in (value.tolist() if isinstance(value, np.ndarray) else value)]
     try:
         if all(nested):
-            if len(value) > MAX_STREAMS:
-                raise Invalid(f"got {len(value)} streams")
+            if len(value) > MAX_BRANCHES:
+                raise Invalid(f"got {len(value)} branches")
             rows = []
             for i, row in enumerate(value):
                 try:
                     rows.append(number_list(row, max_length=MAX_STEPS, positive=True))
                 except Invalid as exc:
-                    raise Invalid(f"stream {i}: {exc.problem}") from None
+                    raise Invalid(f"branch {i}: {exc.problem}") from None
             if len({len(r) for r in rows}) > 1:
-                raise Invalid(f"got streams of {', '.join(str(len(r)) for r in rows)} ratios")
+                raise Invalid(f"got branches of {', '.join(str(len(r)) for r in rows)} ratios")
             return rows
         if any(nested):
             raise Invalid(f"got a mix of lists and numbers: {show(value)}")
@@ -138,8 +139,8 @@ class MagCacheState:
 
 class MagCacheCalibration(Calibration):
     """``cachepass.calibrate(policy="magcache", max_skip_steps=..., retention_ratio=...)``: the magnitude
-    ratios per stream, averaged over the recorded generations; ``max_skip_steps`` left unset is raised
-    from 4 until the compute target is reachable. A profile stores ``mag_ratios`` (one list per stream,
+    ratios per branch, averaged over the recorded generations; ``max_skip_steps`` left unset is raised
+    from 4 until the compute target is reachable. A profile stores ``mag_ratios`` (one list per branch,
     ``num_steps`` long) and optionally ``max_skip_steps`` and ``retention_ratio`` besides the threshold."""
 
     options = ("max_skip_steps", "retention_ratio")
@@ -149,7 +150,8 @@ class MagCacheCalibration(Calibration):
 
         ratios = magnitude_ratios(recording)
         # how far single generations stray from the mean ratios (MagCache's premise: prompt-independent ratios)
-        spread = [max(abs(a - b) for a, b in zip(t.magnitude_ratio, ratios[t.stream])) for t in recording.trajectories]
+        spread = [max(abs(a - b) for a, b in zip(t.magnitude_ratio, ratios[t.branch_index]))
+                  for t in recording.trajectories]
         report = {"max_ratio_deviation": round(max(spread), 6)}
 
         def attempt(options):
@@ -173,13 +175,13 @@ class MagCacheCalibration(Calibration):
         ratios = fields.need("mag_ratios")
         if isinstance(ratios, np.ndarray) and ratios.ndim == 2:
             ratios = ratios.tolist()
-        if not isinstance(ratios, (list, tuple)) or not 1 <= len(ratios) <= MAX_STREAMS:
-            raise fields.fail(f"field 'options.mag_ratios' must be a list of 1 to {MAX_STREAMS} per-stream lists, "
+        if not isinstance(ratios, (list, tuple)) or not 1 <= len(ratios) <= MAX_BRANCHES:
+            raise fields.fail(f"field 'options.mag_ratios' must be a list of 1 to {MAX_BRANCHES} per-branch lists, "
                               f"got {show(ratios)}")
         out["mag_ratios"] = [fields.numbers(f"mag_ratios[{i}]", value=r, positive=True) for i, r in enumerate(ratios)]
         bad = [len(r) for r in out["mag_ratios"] if len(r) != fields.num_steps]
         if bad:
-            raise fields.fail(f"field 'options.mag_ratios' has {bad[0]} ratios per stream for "
+            raise fields.fail(f"field 'options.mag_ratios' has {bad[0]} ratios per branch for "
                               f"num_steps={fields.num_steps}")
         return out
 
@@ -198,7 +200,7 @@ class MagCachePolicy(Policy):
         self.calibrated_steps = len(self.config.mag_ratios[0])
         self._resampled: dict[tuple[int, int], list[float]] = {}
         # what the warnings below are about: these ratios (one warning per ratio table and step count, not
-        # per stream, compiled graph or policy instance)
+        # per branch, compiled graph or policy instance)
         self._ratios_key = hash(tuple(map(tuple, self.config.mag_ratios)))
 
     def requirements(self) -> Requirements:
@@ -211,21 +213,21 @@ class MagCachePolicy(Policy):
         if self.config.profile is not None:
             self.config.profile.check_model(model)
 
-    def ratios(self, stream: int, num_steps: int) -> list[float]:
-        """This stream's ratios for ``num_steps`` steps (the last calibrated stream's for extra streams)."""
-        key = (stream, num_steps)
+    def ratios(self, branch_index: int, num_steps: int) -> list[float]:
+        """This branch's ratios for ``num_steps`` steps (the last calibrated branch's for extra branches)."""
+        key = (branch_index, num_steps)
         if key not in self._resampled:
             table = self.config.mag_ratios
-            if stream >= len(table) and len(table) > 1:
-                warn_once(log, ("magcache-streams", self._ratios_key, len(table), stream),
-                          "magcache: stream %d has no calibrated ratios (%d streams calibrated); using stream %d's",
-                          stream, len(table), len(table) - 1)
+            if branch_index >= len(table) and len(table) > 1:
+                warn_once(log, ("magcache-branches", self._ratios_key, len(table), branch_index),
+                          "magcache: branch %d has no calibrated ratios (%d branches calibrated); using branch %d's",
+                          branch_index, len(table), len(table) - 1)
             if num_steps != self.calibrated_steps:
                 warn_once(log, ("magcache-resample", self._ratios_key, num_steps),
                           "magcache: the ratios were calibrated for %d steps but this generation has %d; they are "
                           "resampled by nearest step, which only approximates the model. Calibrate again for %d "
                           "steps (cachepass.calibrate).", self.calibrated_steps, num_steps, num_steps)
-            self._resampled[key] = nearest_resample(table[min(stream, len(table) - 1)], num_steps)
+            self._resampled[key] = nearest_resample(table[min(branch_index, len(table) - 1)], num_steps)
         return self._resampled[key]
 
     def decide(self, state: MagCacheState, ctx: CallContext, indicator) -> bool:
@@ -233,7 +235,7 @@ class MagCachePolicy(Policy):
         if ctx.step == 0 or ctx.step < int(self.config.retention_ratio * n + 0.5):
             state.reset()
             return True
-        ratios = self.ratios(ctx.stream, n)
+        ratios = self.ratios(ctx.branch_index, n)
         state.ratio *= ratios[ctx.step] if ctx.step < len(ratios) else 1.0
         state.steps += 1
         state.error += abs(1.0 - state.ratio)
@@ -241,3 +243,7 @@ class MagCachePolicy(Policy):
             return False
         state.reset()
         return True
+
+
+#: ``ratios_per_stream`` (deprecated): :func:`ratios_per_branch`
+__getattr__ = renamed_module_attributes(__name__, {"ratios_per_stream": "ratios_per_branch"})

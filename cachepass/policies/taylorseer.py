@@ -7,11 +7,11 @@ cached span's residual is predicted as ``F^ = sum_i D_i k^i / i!`` from derivati
 :class:`~cachepass.reconstruction.TaylorReuse`).
 
 Granularity ``stack`` applies this to the whole-stack residual (``order + 1`` residual-sized tensors
-per stream). Granularity ``block`` is the paper's: every block's attention and feed-forward outputs
+per branch). Granularity ``block`` is the paper's: every block's attention and feed-forward outputs
 are cached and predicted, and the rest of each block (norms, modulation, gates, residual adds) is
 recomputed with the current step's inputs; those parts are found by
 :mod:`cachepass.analysis.block_parts` and removed from the reuse variant. It costs ``order + 1``
-tensors per part output per block and stream (Wan: 3 per block).
+tensors per part output per block and branch (Wan: 3 per block).
 """
 
 from __future__ import annotations

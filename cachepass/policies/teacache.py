@@ -1,6 +1,6 @@
 """``teacache``: skip while the accumulated, rescaled change of a cheap indicator stays small.
 
-TeaCache (arXiv 2411.19108), as the reference implements it for Wan2.1. Per call and stream:
+TeaCache (arXiv 2411.19108), as the reference implements it for Wan2.1. Per call and branch:
 ``d = mean|m_t - m_prev| / mean|m_prev|`` on the indicator ``m``; ``acc += poly(d)`` with a 4th-order
 polynomial (``numpy.poly1d`` order: ``c0*d^4 + ... + c4``) fitted per model, mapping indicator change to
 output change; reuse the cached residual while ``acc < threshold``, else compute and set ``acc = 0``.

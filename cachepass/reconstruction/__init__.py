@@ -4,6 +4,7 @@ last residual as it is, or predict it by a Taylor expansion (:mod:`cachepass.rec
 from __future__ import annotations
 
 from .base import (
+           ADDED_PREFIX,
            GRANULARITIES,
            Reconstruction,
            ResidualReuse,
@@ -12,5 +13,5 @@ from .base import (
 )
 from .taylor import MAX_ORDER, TaylorReuse
 
-__all__ = ["GRANULARITIES", "MAX_ORDER", "Reconstruction", "ResidualReuse", "ReuseCache", "TaylorReuse",
+__all__ = ["ADDED_PREFIX", "GRANULARITIES", "MAX_ORDER", "Reconstruction", "ResidualReuse", "ReuseCache", "TaylorReuse",
            "check_cache_layout"]

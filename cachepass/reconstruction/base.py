@@ -33,7 +33,7 @@ from ..errors import UnsupportedStructure
 
 
 class ReuseCache(ABC):
-    """Runtime storage of one stream's cached tensors."""
+    """Runtime storage of one branch's cached tensors."""
 
     @abstractmethod
     def write(self, residuals: Sequence[torch.Tensor], step: int) -> None:
@@ -55,6 +55,11 @@ class ReuseCache(ABC):
 
 GRANULARITIES = ("stack", "block")
 
+#: The prefix of the name of every node cachepass adds to a graph variant (the variants' own nodes and a
+#: reconstruction's placeholders and prediction nodes): a copied node keeps its original name, so no
+#: added node takes one and a graph dump reads unambiguously (``cp_cached_0``, ``cp_residual_add_7``).
+ADDED_PREFIX = "cp_"
+
 
 class Reconstruction(ABC):
     """A way of predicting the cached tensors of a skipped call from what compute calls stored."""
@@ -74,11 +79,13 @@ class Reconstruction(ABC):
         add_placeholder: Callable[[str, object], fx.Node],
     ) -> list[fx.Node]:
         """Add cache-read placeholders and the nodes predicting each cached tensor (``examples``: their
-        example values, in cache-write order); return one prediction node per cached tensor."""
+        example values, in cache-write order); return one prediction node per cached tensor. Name every
+        node added ``ADDED_PREFIX + ...`` (``add_placeholder(name, example)`` takes the full name; a node
+        made with ``graph.call_function(..., name=...)``)."""
 
     @abstractmethod
     def new_cache(self) -> ReuseCache:
-        """A fresh cache for one stream."""
+        """A fresh cache for one branch."""
 
 
 def _tensor_nbytes(tensors) -> int:
@@ -112,7 +119,7 @@ class ResidualReuse(Reconstruction):
     granularity: str = "stack"
 
     def predict(self, graph, examples, add_placeholder):
-        return [add_placeholder(f"cached_{i}", example) for i, example in enumerate(examples)]
+        return [add_placeholder(f"{ADDED_PREFIX}cached_{i}", example) for i, example in enumerate(examples)]
 
     def new_cache(self):
         return _LastResidualCache()

@@ -1,11 +1,11 @@
 """Taylor extrapolation of a cached tensor from the steps where it was computed: the coefficients and
 :class:`TaylorReuse`, the reconstruction that uses them.
 
-TaylorSeer predicts a feature ``k`` steps after its last computation as ``F^ = sum_i D_i k^i / i!``,
+TaylorSeer predicts a cached tensor ``k`` steps after its last computation as ``F^ = sum_i D_i k^i / i!``,
 where ``D_i`` estimates the i-th derivative (in steps) from finite differences over the computed steps.
 Here ``D_i`` are the derivatives, at the newest computed step, of the polynomial through the last
 ``m + 1`` computed values (``m`` = the order, fewer while too few steps have been computed). With the
-real gaps between computed steps this is exact for any feature that is a polynomial of degree ``<= m``
+real gaps between computed steps this is exact for any tensor that is a polynomial of degree ``<= m``
 in the step, even gaps or not. At order 1 it is the reference's ``{0: F, 1: (F - F_old) / gap}``.
 
 The coefficients are derived symbolically with sympy once per order (gaps stay symbols) and turned
@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .base import Reconstruction, ReuseCache, _tensor_nbytes
+from .base import ADDED_PREFIX, Reconstruction, ReuseCache, _tensor_nbytes
 
 MAX_ORDER = 4
 
@@ -106,7 +106,7 @@ def update_matrix(order: int, gap: float, old_gaps: Sequence[float], old_order: 
 # --- the reconstruction ------------------------------------------------------------------------
 
 class _TaylorCache(ReuseCache):
-    """Per stream: the derivative tensors ``D_0..D_m`` of each cached residual at the last computed step.
+    """Per branch: the derivative tensors ``D_0..D_m`` of each cached residual at the last computed step.
 
     Orders not fitted yet (``m < order`` while warming up) are served as ``D_0`` with coefficient 0,
     so a reuse call never allocates zeros and the placeholder layout never changes.
@@ -147,7 +147,7 @@ class _TaylorCache(ReuseCache):
 
 
 def _coefficient_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 for float64 streams, else float32 (a 0-d factor keeps the stream's own dtype)."""
+    """float64 for float64 tensors, else float32 (a 0-d factor keeps the tensor's own dtype)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -178,7 +178,7 @@ class TaylorReuse(Reconstruction):
     Graph side: one shared coefficient placeholder (``order + 1`` float32 values, float64 for float64
     tensors, made per reuse call on the tensors' device) and ``order + 1`` derivative placeholders per
     cached tensor; the sum is written as graph nodes (the "Taylor nodes"), so the inner compiler fuses it
-    with the rest of the reuse variant. Memory: ``order + 1`` tensors per cached tensor and stream
+    with the rest of the reuse variant. Memory: ``order + 1`` tensors per cached tensor and branch
     (``stack``: one residual per stream tensor; ``block``: every attention / feed-forward output).
     """
 
@@ -193,15 +193,18 @@ class TaylorReuse(Reconstruction):
         example = None
         if isinstance(first, torch.Tensor):
             example = first.new_empty((self.order + 1,), dtype=_coefficient_dtype(first.dtype))
-        coefficients = add_placeholder("taylor_coefficients", example)
-        terms = [graph.call_function(operator.getitem, (coefficients, i)) for i in range(self.order + 1)]
+        name = f"{ADDED_PREFIX}taylor"
+        coefficients = add_placeholder(f"{name}_coefficients", example)
+        terms = [graph.call_function(operator.getitem, (coefficients, i), name=f"{name}_c{i}")
+                 for i in range(self.order + 1)]
         outputs = []
         for p, value in enumerate(examples):
             out = None
             for i, c in enumerate(terms):
-                derivative = add_placeholder(f"taylor_d{i}_{p}", value)
-                scaled = graph.call_function(operator.mul, (c, derivative))
-                out = scaled if out is None else graph.call_function(operator.add, (out, scaled))
+                derivative = add_placeholder(f"{name}_d{i}_{p}", value)
+                scaled = graph.call_function(operator.mul, (c, derivative), name=f"{name}_{p}_term{i}")
+                out = scaled if out is None else graph.call_function(operator.add, (out, scaled),
+                                                                     name=f"{name}_{p}_sum{i}")
                 scaled.meta["example_value"] = out.meta["example_value"] = value
             outputs.append(out)
         return outputs

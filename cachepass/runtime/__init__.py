@@ -1,1 +1,1 @@
-"""What runs per call: the compiled program, step/stream tracking, per-stream state and stats."""
+"""What runs per call: the compiled program, step/branch tracking, per-branch state and stats."""

@@ -1,4 +1,4 @@
-"""Where a call sits: which request (generation), which step, which branch (CFG stream).
+"""Where a call sits: which request (generation), which step, which branch (CFG call sequence: cond, uncond).
 
 Two sources, the pipeline's own signals first (:mod:`cachepass.runtime.signals`):
 
@@ -33,7 +33,7 @@ from .signals import PipelineSignal
 #: a timestep input whose elements differ
 MIXED = "mixed"
 #: inferred branches per step before a repeated timestep counts as a new request (bounded memory)
-MAX_BRANCHES = 4
+MAX_INFERRED_BRANCHES = 4
 #: a gap this many times the previous one is a new request, not the next step
 JUMP = 4.0
 
@@ -43,7 +43,7 @@ class Placement:
     request: int  # per instance, counted from 0
     step: int
     branch: Any  # the pipeline's branch name, or the call's rank within its step
-    stream: int  # the branch's rank in the request, in order of first appearance
+    branch_index: int  # the branch's rank in the request, in order of first appearance
     num_steps: int | None
     certain: bool = True  # False: identity not established; compute and start the branch afresh
     new_request: bool = False  # the call starts a request
@@ -94,7 +94,7 @@ class Placer:
         self._ended = False
         self._current = _Request()
 
-    def _stream(self, branch) -> int:
+    def _branch_index(self, branch) -> int:
         order = self._current.order
         if branch not in order:
             order.append(branch)
@@ -141,7 +141,7 @@ class Placer:
         if _scalar(t):
             req.timeline.setdefault(t, step)
         certain = signal.step_index is not None or t != MIXED
-        return Placement(self.request, step, signal.branch, self._stream(signal.branch), num_steps,
+        return Placement(self.request, step, signal.branch, self._branch_index(signal.branch), num_steps,
                          certain, new, doubt=None if certain else MIXED_DOUBT)
 
     # --- the timesteps alone ---------------------------------------------------------------------
@@ -151,7 +151,7 @@ class Placer:
             new = self._ended or self.request < 0
             if new:
                 self._start()
-            return Placement(self.request, max(self._current.step, 0), MIXED, self._stream(MIXED), num_steps,
+            return Placement(self.request, max(self._current.step, 0), MIXED, self._branch_index(MIXED), num_steps,
                              certain=False, new_request=new, doubt=MIXED_DOUBT)
         req = self._current
         new = self._ended or self.request < 0
@@ -159,7 +159,7 @@ class Placer:
             if t is None:
                 new = num_steps is not None and req.step + 1 >= num_steps
             elif t == req.last_t:
-                new = req.branch + 1 >= MAX_BRANCHES
+                new = req.branch + 1 >= MAX_INFERRED_BRANCHES
             else:
                 new = _breaks(req, req.last_t, t) or (num_steps is not None and req.step + 1 >= num_steps)
         if new:
@@ -187,7 +187,7 @@ class Placer:
             req.established = True  # a later step has as many calls as the first: the branches are real
         certain = req.step == 0 or req.width == 1 or req.established
         req.branches[req.branch] = _Branch(req.step, t)
-        return Placement(self.request, req.step, req.branch, self._stream(req.branch), num_steps, certain, new,
+        return Placement(self.request, req.step, req.branch, self._branch_index(req.branch), num_steps, certain, new,
                          doubt=None if certain else REPEAT_DOUBT)
 
 

@@ -132,7 +132,7 @@ class CachedProgram:
         certain = placement.certain or not self.reuses
         branch = runtime.branch(placement, self, call_signature(args, self.input_indices), self._new_branch,
                                 certain)
-        ctx = CallContext(placement.request, placement.step, placement.stream, placement.num_steps,
+        ctx = CallContext(placement.request, placement.step, placement.branch_index, placement.num_steps,
                           t if isinstance(t, float) else None, self.sync, placement.branch)
         compute = self.policy.decide(branch.policy_state, ctx, indicator)
         compute = compute or not certain or not branch.cache.ready()
@@ -140,8 +140,8 @@ class CachedProgram:
             runtime.doubts.add(placement.doubt)
             log.debug("cachepass: %s: such calls compute and start their branch afresh", placement.doubt)
         if log.isEnabledFor(logging.DEBUG):  # before the variant runs: a rank stuck in it has logged
-            log.debug("cachepass: generation %d step %d stream %d%s%s: %s", placement.request, placement.step,
-                      placement.stream, f" ({placement.branch})" if isinstance(placement.branch, str) else "",
+            log.debug("cachepass: generation %d step %d branch %d%s%s: %s", placement.request, placement.step,
+                      placement.branch_index, f" ({placement.branch})" if isinstance(placement.branch, str) else "",
                       "" if certain else " (branch not established: computes, starts afresh)",
                       "compute" if compute else "reuse")
         runtime.count(self.settings_key, self.policy.name, compute)

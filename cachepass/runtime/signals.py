@@ -122,7 +122,7 @@ def watch_request_end(module, on_end: Callable[[torch.nn.Module], None]) -> bool
             return module
 
     hook = RequestEndHook()
-    reference = HookFunctionReference()  # what remove_hook expects; never part of the forward chain
+    reference = HookFunctionReference()  # what remove_hook expects; never in the forward chain
     reference.forward = reference.original_forward = module.forward
     reference.pre_forward, reference.post_forward = hook.pre_forward, hook.post_forward
     hook.fn_ref = reference

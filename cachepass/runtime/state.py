@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .._deprecation import renamed_attribute, renamed_module_attributes
 from .._dynamo import unwrap
 from ..reconstruction import ReuseCache
 from .placement import Placement, Placer
@@ -31,10 +32,11 @@ HISTORY = 8
 
 @dataclass
 class BranchState:
-    """One branch (CFG stream) of the current request: the policy's state and the cache it reads."""
+    """One branch (a CFG call sequence: cond, uncond) of the current request: the policy's state and the
+    cache it reads."""
 
-    branch: Any
-    stream: int
+    name: Any  # the placement's branch: the pipeline's name, or the call's rank within its step
+    index: int  # the branch's rank in the request, in order of first appearance
     policy_state: Any
     cache: ReuseCache
     program: Any  # weak reference to the CachedProgram whose compute variant wrote the cache
@@ -44,7 +46,7 @@ class BranchState:
 
     def serves(self, program, signature: tuple) -> bool:
         """Whether ``program`` may read this cache: it was written at this signature by ``program`` or by
-        a program of the same layout (the same options, blocks and stream: Dynamo's shape-generic
+        a program of the same layout (the same options, blocks and residual stream: Dynamo's shape-generic
         recompile of the same graph)."""
         writer = self.program()
         if writer is None or self.signature != signature:
@@ -53,18 +55,21 @@ class BranchState:
 
 
 @dataclass
-class StreamStats:
-    """One stream of one generation: which steps ran the blocks and which reused the cache."""
+class BranchStats:
+    """One branch (cond, uncond) of one generation: which steps ran the blocks and which reused the cache."""
 
-    stream: int
+    index: int  # the branch's rank in the generation, in order of first appearance
     computed_steps: list[int]
     reused_steps: list[int]
     cache_bytes: int
-    branch: Any = None  # the pipeline's name ("cond", "uncond") or the call's rank within its step
+    name: Any = None  # the pipeline's name ("cond", "uncond") or the call's rank within its step
 
     @property
     def steps(self) -> int:
         return len(self.computed_steps) + len(self.reused_steps)
+
+    stream = renamed_attribute("index", "BranchStats.stream", "BranchStats.index")
+    branch = renamed_attribute("name", "BranchStats.branch", "BranchStats.name")
 
 
 @dataclass
@@ -75,8 +80,8 @@ class Stats:
     caching: bool
     fallback_reason: str | None
     generations: int
-    streams: list[StreamStats]  # of the current (or last) generation
-    history: list[list[StreamStats]]  # previous generations, oldest first (at most HISTORY)
+    branches: list[BranchStats]  # of the current (or last) generation
+    history: list[list[BranchStats]]  # previous generations, oldest first (at most HISTORY)
     calls: int
     computed_calls: int
     uncached_calls: int = 0  # calls that ran the unchanged graph (fallback), with uncached_reason
@@ -88,7 +93,9 @@ class Stats:
 
     @property
     def cache_bytes(self) -> int:
-        return sum(s.cache_bytes for s in self.streams)
+        return sum(s.cache_bytes for s in self.branches)
+
+    streams = renamed_attribute("branches", "Stats.streams", "Stats.branches")
 
     def __str__(self) -> str:
         if not self.caching and not self.calls:
@@ -99,9 +106,9 @@ class Stats:
             lines.append(f"  the last call ran uncached: {self.fallback_reason}")
         if self.uncached_calls:
             lines.append(f"  {self.uncached_calls} call(s) ran uncached: {self.uncached_reason}")
-        for s in self.streams:
-            name = f" ({s.branch})" if isinstance(s.branch, str) else ""
-            lines.append(f"  stream {s.stream}{name}: computed {len(s.computed_steps)}/{s.steps} steps "
+        for s in self.branches:
+            name = f" ({s.name})" if isinstance(s.name, str) else ""
+            lines.append(f"  branch {s.index}{name}: computed {len(s.computed_steps)}/{s.steps} steps "
                          f"{s.computed_steps}, cache {s.cache_bytes / 2**20:.2f} MiB")
         return "\n".join(lines)
 
@@ -113,7 +120,7 @@ class ModelRuntime:
         self.lock = threading.RLock()
         self.placer = Placer()
         self.branches: dict[Any, BranchState] = {}
-        self.history: deque[list[StreamStats]] = deque(maxlen=HISTORY + 1)  # + the last, between requests
+        self.history: deque[list[BranchStats]] = deque(maxlen=HISTORY + 1)  # + the last, between requests
         self.counters: dict[Any, list[int]] = {}  # per compile settings: [calls, computed calls]
         self.settings_key: Any = None  # of the last caching call
         self.policy_name: str | None = None
@@ -135,7 +142,7 @@ class ModelRuntime:
 
     def _archive(self) -> None:
         if self.branches:
-            self.history.append(self.stream_stats())
+            self.history.append(self.branch_stats())
         self.branches = {}
 
     def branch(self, placement: Placement, program, signature: tuple, make, certain: bool) -> BranchState:
@@ -146,7 +153,8 @@ class ModelRuntime:
             return state
         self._follow(program)
         policy_state, cache = make()
-        fresh = BranchState(placement.branch, placement.stream, policy_state, cache, weakref.ref(program), signature)
+        fresh = BranchState(placement.branch, placement.branch_index, policy_state, cache, weakref.ref(program),
+                            signature)
         if state is not None:  # the same branch of the same request: its step record goes on
             fresh.computed, fresh.reused = state.computed, state.reused
         self.branches[placement.branch] = fresh
@@ -184,10 +192,10 @@ class ModelRuntime:
 
     # --- stats -----------------------------------------------------------------------------------
 
-    def stream_stats(self) -> list[StreamStats]:
+    def branch_stats(self) -> list[BranchStats]:
         return [
-            StreamStats(s.stream, list(s.computed), list(s.reused), s.cache.nbytes(), s.branch)
-            for s in sorted(self.branches.values(), key=lambda s: s.stream)
+            BranchStats(s.index, list(s.computed), list(s.reused), s.cache.nbytes(), s.name)
+            for s in sorted(self.branches.values(), key=lambda s: s.index)
         ]
 
     def stats(self) -> Stats:
@@ -197,14 +205,14 @@ class ModelRuntime:
         calls, computed = self.counters[self.settings_key]
         history = list(self.history)
         # between requests (a pipeline call ended and freed its caches) the last one is the current
-        streams = self.stream_stats() if self.branches or not history else history.pop()
+        branches = self.branch_stats() if self.branches or not history else history.pop()
         history = history[-HISTORY:]
         return Stats(
             policy=self.policy_name,
             caching=self.caching,
             fallback_reason=None if self.caching else self.uncached_reason,
             generations=self.placer.request + 1,
-            streams=streams,
+            branches=branches,
             history=history,
             calls=calls,
             computed_calls=computed,
@@ -247,3 +255,7 @@ def runtime_for(model, create: bool = True) -> ModelRuntime | None:
             if runtime is None:
                 runtime = table[key] = ModelRuntime()
     return runtime
+
+
+#: ``StreamStats`` (deprecated): :class:`BranchStats`
+__getattr__ = renamed_module_attributes(__name__, {"StreamStats": "BranchStats"})

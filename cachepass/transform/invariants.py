@@ -14,12 +14,12 @@
   ``end`` or one of its ancestors and is a head value or a graph input, ``end`` is made before the
   blocks after the span (a head or cached node), and no end is paired twice; every after node and the
   graph's output read only after nodes, head values, graph inputs and pair ends (what a reuse call has);
-* granularity ``block``: the cached features are predicted nodes, the predicted nodes are cached nodes
-  and every feature is a tensor.
+* granularity ``block``: the cached part outputs are predicted nodes, the predicted nodes are cached
+  nodes and every part output is a tensor.
 
 :func:`check_variants` runs on the built graphs: the head returns ``(indicator?, *exported)``, the
 compute variant ``(*outputs, *cache writes, *observed)`` with one cache write per residual pair or
-feature, the reuse variant ``(*outputs)``, the outputs in the graph's order (output ``i`` of each has
+part output, the reuse variant ``(*outputs)``, the outputs in the graph's order (output ``i`` of each has
 the shape and dtype of the graph's output ``i``); their placeholders are the graph's inputs, then the
 exported values, then (reuse) the cache placeholders.
 
@@ -44,18 +44,18 @@ def names(nodes, limit: int = 4) -> str:
     return (shown + (f" and {len(nodes) - limit} more" if len(nodes) > limit else "")) or "none"
 
 
-def _region(part, node: fx.Node) -> str:
+def _region(partition, node: fx.Node) -> str:
     if node.op == "placeholder":
         return "a graph input"
     for name in ("head", "cached", "after"):
-        if node in getattr(part, name):
+        if node in getattr(partition, name):
             return f"in {name}"
     return "in no region"
 
 
-def check_partition(structure, part):
-    """Raise :class:`UnsupportedStructure` when ``part`` breaks an invariant of the module docstring;
-    return ``part`` otherwise."""
+def check_partition(structure, partition):
+    """Raise :class:`UnsupportedStructure` when ``partition`` breaks an invariant of the module docstring;
+    return ``partition`` otherwise."""
     graph = structure.gm.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
     inputs = {n for n in graph.nodes if n.op == "placeholder"}
@@ -64,14 +64,14 @@ def check_partition(structure, part):
     by_order = order.__getitem__
 
     # the regions partition the graph's computation
-    regions = (("head", part.head), ("cached", part.cached), ("after", part.after))
+    regions = (("head", partition.head), ("cached", partition.cached), ("after", partition.after))
     for i, (name_a, a) in enumerate(regions):
         for name_b, b in regions[i + 1:]:
             both = a & b
             if both:
                 raise UnsupportedStructure(
                     f"partition: node(s) {names(sorted(both, key=by_order))} are both in {name_a} and in {name_b}")
-    everywhere = part.head | part.cached | part.after
+    everywhere = partition.head | partition.cached | partition.after
     missing = [n for n in nodes if n not in everywhere]
     if missing:
         raise UnsupportedStructure(f"partition: node(s) {names(missing)} are in no region (head, cached, after)")
@@ -81,73 +81,74 @@ def check_partition(structure, part):
             f"partition: node(s) {names(foreign)} in its regions are not computations of this graph")
 
     # the head runs alone
-    for node in sorted(part.head, key=by_order):
+    for node in sorted(partition.head, key=by_order):
         for arg in node.all_input_nodes:
-            if arg not in part.head and arg not in inputs:
+            if arg not in partition.head and arg not in inputs:
                 raise UnsupportedStructure(
                     f"partition: the head is not closed under ancestors: head node {node.name!r} reads "
-                    f"{arg.name!r}, which is {_region(part, arg)} (runs after the cache decision)")
+                    f"{arg.name!r}, which is {_region(partition, arg)} (runs after the cache decision)")
 
-    for label, node in (("indicator", part.indicator), ("indicator base", part.indicator_base)):
-        if node is not None and node not in part.head and node not in inputs:
+    for label, node in (("indicator", partition.indicator), ("indicator base", partition.indicator_base)):
+        if node is not None and node not in partition.head and node not in inputs:
             raise UnsupportedStructure(
-                f"partition: the {label} {node.name!r} is {_region(part, node)}, not a head value or a graph input")
+                f"partition: the {label} {node.name!r} is {_region(partition, node)}, not a head value or a graph "
+                "input")
 
     # what the variants receive from the head
-    exported = list(part.exported)
-    outside = [n for n in exported if n not in part.head]
+    exported = list(partition.exported)
+    outside = [n for n in exported if n not in partition.head]
     if outside:
         raise UnsupportedStructure(
             f"partition: exported value(s) {names(outside)} are not head values "
-            f"({', '.join(_region(part, n) for n in outside[:4])})")
+            f"({', '.join(_region(partition, n) for n in outside[:4])})")
     if len(set(exported)) != len(exported):
         twice = [n for i, n in enumerate(exported) if n in exported[:i]]
         raise UnsupportedStructure(f"partition: value(s) {names(twice)} are exported twice")
     if exported != sorted(exported, key=by_order):
         raise UnsupportedStructure(f"partition: the exported values {names(exported)} are not in graph order")
     exported_set = set(exported)
-    readers = [(n, arg) for n in sorted(part.cached | part.after, key=by_order) for arg in n.all_input_nodes]
+    readers = [(n, arg) for n in sorted(partition.cached | partition.after, key=by_order) for arg in n.all_input_nodes]
     readers += [(output, arg) for arg in output.all_input_nodes]
-    readers += [(None, start) for start, _ in part.pairs] + [(None, node) for node in part.observed]
+    readers += [(None, start) for start, _ in partition.pairs] + [(None, node) for node in partition.observed]
     for reader, arg in readers:
-        if arg in part.head and arg not in exported_set:
+        if arg in partition.head and arg not in exported_set:
             by = f"read by {reader.name!r}" if reader is not None else "a residual pair start or observed tensor"
             raise UnsupportedStructure(
                 f"partition: head value {arg.name!r} ({by}) is not exported: the variants would not receive it")
 
-    for node in part.observed:
+    for node in partition.observed:
         if node not in order or node.op == "output":
             raise UnsupportedStructure(f"partition: observed tensor {node.name!r} is not a value of this graph")
 
-    if part.features or part.predicted:  # granularity block
-        not_predicted = [n for n in part.features if n not in part.predicted]
+    if partition.part_outputs or partition.predicted:  # granularity block
+        not_predicted = [n for n in partition.part_outputs if n not in partition.predicted]
         if not_predicted:
             raise UnsupportedStructure(
-                f"partition: cached feature(s) {names(not_predicted)} are not nodes of a predicted block part")
-        not_cached = sorted((n for n in part.predicted if n not in part.cached), key=by_order)
+                f"partition: cached part output(s) {names(not_predicted)} are not nodes of a predicted block part")
+        not_cached = sorted((n for n in partition.predicted if n not in partition.cached), key=by_order)
         if not_cached:
             raise UnsupportedStructure(
                 f"partition: predicted node(s) {names(not_cached)} are not in the cached span "
-                f"({', '.join(_region(part, n) for n in not_cached[:4])})")
-        not_tensors = [n for n in part.features if not isinstance(example_value(n), torch.Tensor)]
+                f"({', '.join(_region(partition, n) for n in not_cached[:4])})")
+        not_tensors = [n for n in partition.part_outputs if not isinstance(example_value(n), torch.Tensor)]
         if not_tensors:
-            raise UnsupportedStructure(f"partition: cached feature(s) {names(not_tensors)} are not tensors")
+            raise UnsupportedStructure(f"partition: cached part output(s) {names(not_tensors)} are not tensors")
     else:  # granularity stack
-        _check_pairs(structure, part, inputs)
-        have = part.after | part.head | inputs | {end for _, end in part.pairs}
-        for reader in sorted(part.after, key=by_order) + [output]:
+        _check_pairs(structure, partition, inputs)
+        have = partition.after | partition.head | inputs | {end for _, end in partition.pairs}
+        for reader in sorted(partition.after, key=by_order) + [output]:
             for arg in reader.all_input_nodes:
                 if arg not in have:
                     raise UnsupportedStructure(
                         f"partition: {reader.name!r} after the cached blocks reads {arg.name!r}, which is "
-                        f"{_region(part, arg)} and not a residual pair end: a reuse call would not have it")
-    return part
+                        f"{_region(partition, arg)} and not a residual pair end: a reuse call would not have it")
+    return partition
 
 
-def _check_pairs(structure, part, inputs: set[fx.Node]) -> None:
+def _check_pairs(structure, partition, inputs: set[fx.Node]) -> None:
     g = structure.dataflow
     seen: set[fx.Node] = set()
-    for start, end in part.pairs:
+    for start, end in partition.pairs:
         pair = f"residual pair ({start.name!r}, {end.name!r})"
         if tensor_signature(start) != tensor_signature(end):
             raise UnsupportedStructure(
@@ -155,12 +156,12 @@ def _check_pairs(structure, part, inputs: set[fx.Node]) -> None:
                 f"({tensor_signature(start)} vs {tensor_signature(end)})")
         if start is not end and (g is None or start not in g or end not in g or not nx.has_path(g, start, end)):
             raise UnsupportedStructure(f"partition: {pair}: {start.name!r} is not an ancestor of {end.name!r}")
-        if start not in part.head and start not in inputs:
+        if start not in partition.head and start not in inputs:
             raise UnsupportedStructure(
-                f"partition: {pair}: the start is {_region(part, start)}, not a head value or a graph input")
-        if end not in part.head and end not in part.cached:
+                f"partition: {pair}: the start is {_region(partition, start)}, not a head value or a graph input")
+        if end not in partition.head and end not in partition.cached:
             raise UnsupportedStructure(
-                f"partition: {pair}: the end is {_region(part, end)}, not made before the blocks after the span")
+                f"partition: {pair}: the end is {_region(partition, end)}, not made before the blocks after the span")
         if end in seen:
             raise UnsupportedStructure(f"partition: {pair}: {end.name!r} is the end of two residual pairs")
         seen.add(end)
@@ -184,17 +185,18 @@ def _shown(values) -> str:
     return ", ".join(v.name if isinstance(v, fx.Node) else repr(v) for v in values) or "nothing"
 
 
-def check_variants(gm: fx.GraphModule, part, requirements, variants) -> None:
+def check_variants(gm: fx.GraphModule, partition, requirements, variants) -> None:
     """The graph variants' input and output counts (module docstring); raises
     :class:`UnsupportedStructure` naming the variant and its values."""
-    n_inputs, n_exported = len(_placeholders(gm)), len(part.exported)
-    n_observed = len(part.observed)
-    n_writes = len(part.features) + len(part.pairs) if requirements.reuses else 0
+    n_inputs, n_exported = len(_placeholders(gm)), len(partition.exported)
+    n_observed = len(partition.observed)
+    part_outputs, pairs = partition.part_outputs, partition.pairs
+    n_writes = len(part_outputs) + len(pairs) if requirements.reuses else 0
     if variants.num_cache_writes != n_writes:
         raise UnsupportedStructure(
             f"compute variant: {variants.num_cache_writes} cache write(s) for "
-            f"{len(part.features)} feature(s) ({names(part.features)}) and {len(part.pairs)} residual pair(s) "
-            f"(ends {names(e for _, e in part.pairs)})")
+            f"{len(part_outputs)} part output(s) ({names(part_outputs)}) and {len(pairs)} residual pair(s) "
+            f"(ends {names(e for _, e in pairs)})")
     expected = {
         "head": (n_inputs, int(variants.has_indicator) + n_exported,
                  f"indicator? ({int(variants.has_indicator)}) + {n_exported} exported"),

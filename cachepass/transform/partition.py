@@ -4,12 +4,12 @@ Reads a :class:`DenoiserStructure` and a policy's :class:`Requirements`; writes 
 The blocks are cut into three spans at block boundaries ``a = compute_first`` and
 ``b = len(blocks) - compute_last``:
 
-* ``head``: everything before the body, blocks ``[0, a)``, and the body nodes the requested indicator
+* ``head``: the prologue (everything before the body), blocks ``[0, a)``, and the body nodes the requested indicator
   depends on (``modulated_input``: a few nodes of block 0): what runs before every decision. The
   indicator ``front_residual`` is the residual of blocks ``[0, a)``: the stream value at boundary
   ``a`` minus its partner entering block 0, a node the head graph adds;
 * ``cached``: blocks ``[a, b)`` less what the head took: what a reuse call skips;
-* ``after``: blocks ``[b, N)`` and the tail: what every call runs after the decision.
+* ``after``: blocks ``[b, N)`` and the epilogue: what every call runs after the decision.
 
 What the cache holds depends on the reconstruction's granularity: ``stack``: per stream value
 crossing boundary ``b``, the residual against its partner value at boundary ``a`` (same shape and
@@ -51,7 +51,7 @@ class Partition:
     pairs: list[tuple[fx.Node, fx.Node]]  # stack: (value at boundary a, value at boundary b)
     observed: list[fx.Node]
     exported: list[fx.Node]  # head values the variants read, in graph order
-    features: list[fx.Node] = dataclasses.field(default_factory=list)  # block: part outputs cached
+    part_outputs: list[fx.Node] = dataclasses.field(default_factory=list)  # block: the block parts' outputs cached
     predicted: set[fx.Node] = dataclasses.field(default_factory=set)  # block: nodes a reuse call drops
     span: tuple[int, int] = (0, 0)  # block boundaries (a, b): blocks [0, a) head, [a, b) cached, [b, N) after
 
@@ -89,7 +89,7 @@ def cut(structure: DenoiserStructure, requirements: Requirements) -> Partition:
         )
     order = structure.order
     pos_a, pos_b = structure.boundary_position(a), structure.boundary_position(b)
-    head = set(structure.head) | {x for x in structure.body if order[x] < pos_a}
+    head = set(structure.prologue) | {x for x in structure.body if order[x] < pos_a}
 
     indicator = indicator_base = None
     if requirements.indicator == "front_residual":
@@ -111,7 +111,7 @@ def cut(structure: DenoiserStructure, requirements: Requirements) -> Partition:
         head |= ancestors_within(structure.dataflow, [indicator], structure.body)
 
     cached = {x for x in structure.body if pos_a <= order[x] < pos_b} - head
-    after = ({x for x in structure.body if order[x] >= pos_b} | set(structure.tail)) - head
+    after = ({x for x in structure.body if order[x] >= pos_b} | set(structure.epilogue)) - head
     pairs = []
     if requirements.reconstruction.granularity != "block":
         pairs = _pair(structure, structure.boundary_values(a), structure.boundary_values(b))
@@ -119,16 +119,17 @@ def cut(structure: DenoiserStructure, requirements: Requirements) -> Partition:
                      indicator_base=indicator_base, pairs=pairs, observed=[], exported=[], span=(a, b))
 
 
-def add_block_parts(structure: DenoiserStructure, part: Partition, requirements: Requirements) -> list[BlockPart]:
+def add_block_parts(structure: DenoiserStructure, partition: Partition,
+                    requirements: Requirements) -> list[BlockPart]:
     """Stage ``block_parts`` (granularity ``block`` only): the predictable parts of the cached blocks;
-    their outputs become the cache writes (``part.features``), their nodes what a reuse drops."""
+    their outputs become the cache writes (``partition.part_outputs``), their nodes what a reuse drops."""
     if requirements.reconstruction.granularity != "block":
         return []
-    a, b = part.span
-    parts = find_block_parts(structure, a, b, part.cached)
-    part.features = [n for p in parts for n in p.outputs]
-    part.predicted = set().union(*(p.nodes for p in parts))
-    if not part.features:
+    a, b = partition.span
+    parts = find_block_parts(structure, a, b, partition.cached)
+    partition.part_outputs = [n for p in parts for n in p.outputs]
+    partition.predicted = set().union(*(p.nodes for p in parts))
+    if not partition.part_outputs:
         raise UnsupportedStructure(
             "granularity 'block' found no attention or feed-forward sub-module to predict in the "
             "cached blocks (no child module doing matrix work on the residual stream); use "
@@ -142,12 +143,12 @@ def observed_tensors(structure: DenoiserStructure, requirements: Requirements) -
     return [resolve_feature(structure, name) for name in requirements.observe]
 
 
-def add_exports(structure: DenoiserStructure, part: Partition) -> None:
+def add_exports(structure: DenoiserStructure, partition: Partition) -> None:
     """Stage ``exports``: the head values the variants read (graph order): every head value with a
     user outside the head, and the pair starts and observed tensors the head computes."""
-    head = part.head
-    needed_by_variants = {s for s, _ in part.pairs} | set(part.observed)
-    part.exported = sorted(
+    head = partition.head
+    needed_by_variants = {s for s, _ in partition.pairs} | set(partition.observed)
+    partition.exported = sorted(
         {x for x in head if any(u not in head for u in x.users)}
         | {x for x in needed_by_variants if x in head},
         key=structure.order.__getitem__,
@@ -156,8 +157,8 @@ def add_exports(structure: DenoiserStructure, part: Partition) -> None:
 
 def partition(structure: DenoiserStructure, requirements: Requirements) -> Partition:
     """The stages ``partition``, ``block_parts``, ``features`` and ``exports`` in one call."""
-    part = cut(structure, requirements)
-    add_block_parts(structure, part, requirements)
-    part.observed = observed_tensors(structure, requirements)
-    add_exports(structure, part)
-    return part
+    partition = cut(structure, requirements)
+    add_block_parts(structure, partition, requirements)
+    partition.observed = observed_tensors(structure, requirements)
+    add_exports(structure, partition)
+    return partition

@@ -9,13 +9,20 @@ values; the reuse variant then takes the cache-read placeholders its reconstruct
            residual ``end - start`` per cached pair; ``block``, the predictable parts' outputs.
            Observed tensors go to the policy
 * reuse:   ... , *cache -> (*original outputs)   ``stack``: the cached span's outputs are its inputs
-           plus the predicted residuals, then the blocks after the span and the tail; ``block``: the
+           plus the predicted residuals, then the blocks after the span and the epilogue; ``block``: the
            span's blocks run with their parts' outputs replaced by predictions, and the nodes only
            those parts needed are removed (dead-code elimination)
 
+Node names: a copied node keeps its name in the original graph; every node this pass adds is named
+``cp_...`` (:data:`~cachepass.reconstruction.ADDED_PREFIX`, as are the reconstruction's placeholders and
+predictions): ``cp_head_NAME`` (the placeholder of the exported head value ``NAME``),
+``cp_front_residual`` (the head's ``front_residual`` indicator), ``cp_residual_END`` (a ``stack`` cache
+write, ``END - start``) and ``cp_reuse_END`` (the reuse variant's ``start + prediction`` standing for
+``END``), so a graph dump never shows an added node under an original node's name.
+
 Invariant: both variants return the original outputs in the original order; the compute variant's
-extra outputs are exactly one cache write per cached pair (or feature), in that order, then the
-observed tensors. Checked here, once per graph (:mod:`cachepass.transform.invariants`): the partition
+extra outputs are exactly one cache write per cached pair (or block part output), in that order, then
+the observed tensors. Checked here, once per graph (:mod:`cachepass.transform.invariants`): the partition
 before the graphs are written, their input and output counts after, the reconstruction's predictions
 (one per cached tensor) and its cache layout (:func:`~cachepass.reconstruction.check_cache_layout`).
 A value a variant would read without having it raises :class:`UnsupportedStructure` naming the node
@@ -33,7 +40,7 @@ import torch.fx as fx
 from ..analysis.structure import DenoiserStructure
 from ..errors import UnsupportedStructure
 from ..policies.base import Requirements
-from ..reconstruction import check_cache_layout
+from ..reconstruction import ADDED_PREFIX, check_cache_layout
 from .invariants import check_partition, check_variants
 from .partition import Partition
 
@@ -60,7 +67,7 @@ def _start(gm: fx.GraphModule, exported: list[fx.Node]) -> tuple[fx.Graph, dict]
     for ph in _placeholders(gm):
         env[ph] = graph.node_copy(ph)
     for node in exported:
-        ph = graph.placeholder(f"head_{node.name}")
+        ph = graph.placeholder(f"{ADDED_PREFIX}head_{node.name}")
         ph.meta = dict(node.meta)
         env[node] = ph
     return graph, env
@@ -87,7 +94,7 @@ def _map_outputs(original: tuple, env: dict, variant: str) -> tuple:
 
 def _copy_reachable(graph: fx.Graph, env: dict, nodes) -> None:
     """Copy the nodes whose inputs are all available; skip the rest, which only fed removed nodes
-    (a part output nobody outside the parts needs, so it was not cached). Skipping a node with side
+    (a block part output nobody outside the parts needs, so it was not cached). Skipping a node with side
     effects would change the result, so that is refused."""
     for node in nodes:
         if all(n in env for n in node.all_input_nodes):
@@ -151,55 +158,58 @@ def _predict(requirements: Requirements, graph: fx.Graph, cached: list[fx.Node],
 
 
 def build_variants(
-    gm: fx.GraphModule, structure: DenoiserStructure, part: Partition, requirements: Requirements
+    gm: fx.GraphModule, structure: DenoiserStructure, partition: Partition, requirements: Requirements
 ) -> GraphVariants:
-    check_partition(structure, part)
+    check_partition(structure, partition)
     nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
     original = _original_outputs(gm)
 
     # head
     graph = fx.Graph()
     env = {ph: graph.node_copy(ph) for ph in _placeholders(gm)}
-    _copy(graph, env, [n for n in nodes if n in part.head], "head")
+    _copy(graph, env, [n for n in nodes if n in partition.head], "head")
     indicator = []
-    if part.indicator is not None:
-        indicator = [_get(env, part.indicator, "the indicator", "head")]
-        if part.indicator_base is not None:
-            base = _get(env, part.indicator_base, "the indicator base", "head")
-            indicator = [graph.call_function(torch.sub, (indicator[0], base))]
-            indicator[0].meta["example_value"] = part.indicator.meta.get("example_value")
-    head_out = indicator + [_get(env, n, "the head's exports", "head") for n in part.exported]
+    if partition.indicator is not None:
+        indicator = [_get(env, partition.indicator, "the indicator", "head")]
+        if partition.indicator_base is not None:
+            base = _get(env, partition.indicator_base, "the indicator base", "head")
+            name = f"{ADDED_PREFIX}front_residual"
+            indicator = [graph.call_function(torch.sub, (indicator[0], base), name=name)]
+            indicator[0].meta["example_value"] = partition.indicator.meta.get("example_value")
+    head_out = indicator + [_get(env, n, "the head's exports", "head") for n in partition.exported]
     head = _finish(gm, graph, tuple(head_out))
 
-    # compute: the rest of the body and the tail, plus one residual per stream tensor (cache writes)
-    graph, env = _start(gm, part.exported)
-    _copy(graph, env, [n for n in nodes if n in part.rest], "compute")
+    # compute: the rest of the body and the epilogue, plus one residual per stream tensor (cache writes)
+    graph, env = _start(gm, partition.exported)
+    _copy(graph, env, [n for n in nodes if n in partition.rest], "compute")
     writes = []
     if requirements.reuses:
-        writes = [_get(env, n, "a cache write", "compute") for n in part.features]
-        for start, end in part.pairs:
+        writes = [_get(env, n, "a cache write", "compute") for n in partition.part_outputs]
+        for start, end in partition.pairs:
             residual = (_get(env, end, "a cache write", "compute"), _get(env, start, "a cache write", "compute"))
-            r = graph.call_function(torch.sub, residual)
+            r = graph.call_function(torch.sub, residual, name=f"{ADDED_PREFIX}residual_{end.name}")
             r.meta["example_value"] = end.meta.get("example_value")
             writes.append(r)
     outputs = _map_outputs(original, env, "compute")
-    observed = tuple(_get(env, n, "an observed tensor", "compute") for n in part.observed)
+    observed = tuple(_get(env, n, "an observed tensor", "compute") for n in partition.observed)
     compute = _finish(gm, graph, outputs + tuple(writes) + observed)
 
-    # reuse: cache reads and predictions instead of the cached work, then the tail
-    graph, env = _start(gm, part.exported)
+    # reuse: cache reads and predictions instead of the cached work, then the epilogue
+    graph, env = _start(gm, partition.exported)
     first_cache_slot = len(graph.nodes)
     add_placeholder = placeholder_adder(graph)
-    if part.features:
-        predictions = _predict(requirements, graph, part.features, add_placeholder)
-        env.update(zip(part.features, predictions))
-        _copy_reachable(graph, env, [n for n in nodes if n in part.rest and n not in part.predicted])
+    if partition.part_outputs:
+        predictions = _predict(requirements, graph, partition.part_outputs, add_placeholder)
+        env.update(zip(partition.part_outputs, predictions))
+        _copy_reachable(graph, env, [n for n in nodes if n in partition.rest and n not in partition.predicted])
     else:
-        predictions = _predict(requirements, graph, [start for start, _ in part.pairs], add_placeholder)
-        for (start, end), prediction in zip(part.pairs, predictions):
-            env[end] = graph.call_function(operator.add, (_get(env, start, "a prediction", "reuse"), prediction))
+        predictions = _predict(requirements, graph, [start for start, _ in partition.pairs], add_placeholder)
+        for (start, end), prediction in zip(partition.pairs, predictions):
+            start_value = _get(env, start, "a prediction", "reuse")
+            name = f"{ADDED_PREFIX}reuse_{end.name}"
+            env[end] = graph.call_function(operator.add, (start_value, prediction), name=name)
             env[end].meta["example_value"] = start.meta.get("example_value")
-        _copy(graph, env, [n for n in nodes if n in part.after], "reuse")
+        _copy(graph, env, [n for n in nodes if n in partition.after], "reuse")
     cache_placeholders = [n for n in graph.nodes if n.op == "placeholder"][first_cache_slot:]
     if requirements.reuses:
         check_cache_layout(requirements.reconstruction, writes, cache_placeholders)
@@ -208,9 +218,9 @@ def build_variants(
     reuse = _finish(gm, graph, None)
 
     variants = GraphVariants(
-        head=head, compute=compute, reuse=reuse, has_indicator=part.indicator is not None,
-        num_exported=len(part.exported), num_outputs=len(original), num_cache_inputs=len(cache_placeholders),
+        head=head, compute=compute, reuse=reuse, has_indicator=partition.indicator is not None,
+        num_exported=len(partition.exported), num_outputs=len(original), num_cache_inputs=len(cache_placeholders),
         num_cache_writes=len(writes),
     )
-    check_variants(gm, part, requirements, variants)
+    check_variants(gm, partition, requirements, variants)
     return variants
