@@ -79,20 +79,26 @@ def make_prompt_table() -> torch.Tensor:
     return torch.randn(NUM_CLASSES + 1, PROMPT_TOKENS, MODEL_CONFIG["text_dim"], generator=generator)
 
 
-@functools.lru_cache(maxsize=1)
-def _load_file() -> tuple[dict[str, torch.Tensor], dict]:
-    """Reads the shipped weight file once: (tensors, metadata with 'config' and 'training')."""
+def read_weight_file(path: Path, trainer: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Reads a demo weight file: (tensors, metadata with its JSON values decoded).
+
+    `trainer` is the module that rebuilds the file, named in the error when it is missing.
+    """
     from safetensors import safe_open
 
-    if not WEIGHTS_PATH.is_file():
-        raise FileNotFoundError(
-            f"{WEIGHTS_PATH} is missing; rebuild it with `python -m cachepass.demo.train`."
-        )
-    with safe_open(str(WEIGHTS_PATH), framework="pt") as f:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; rebuild it with `python -m {trainer}`.")
+    with safe_open(str(path), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         raw = f.metadata() or {}
     metadata = {k: json.loads(v) for k, v in raw.items()}
     return tensors, metadata
+
+
+@functools.lru_cache(maxsize=1)
+def _load_file() -> tuple[dict[str, torch.Tensor], dict]:
+    """Reads the shipped weight file once: (tensors, metadata with 'config' and 'training')."""
+    return read_weight_file(WEIGHTS_PATH, "cachepass.demo.train")
 
 
 def training_info() -> dict:

@@ -17,6 +17,7 @@ import copy
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -131,56 +132,57 @@ def evaluate(model, table, canvases, labels, per_class: int, steps: int, guidanc
     return float((pred == asked).mean())
 
 
-def save(model: WanTransformer3DModel, table: torch.Tensor, out: Path, info: dict) -> None:
-    """Writes transformer weights, prompt table, config and training record into one safetensors file."""
+def write_weight_file(
+    model: torch.nn.Module, tables: dict[str, torch.Tensor], config: dict, out: Path, info: dict
+) -> None:
+    """Writes transformer weights (`transformer.*`), the embedding tables, config and training record.
+
+    One fp32 safetensors file; the config and the training record go into its metadata as JSON.
+    """
     from safetensors.torch import save_file
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"transformer.{k}": v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-    tensors["prompt_embeds"] = table.contiguous()
-    config = {**MODEL_CONFIG, "patch_size": list(MODEL_CONFIG["patch_size"])}
+    tensors.update({name: table.contiguous() for name, table in tables.items()})
     save_file(tensors, str(out), metadata={"config": json.dumps(config), "training": json.dumps(info)})
     out.chmod(0o644)  # safetensors writes 0600; package data must be readable by everyone
     logger.info("saved %s (%.2f MB)", out, out.stat().st_size / 1e6)
 
 
-def train(args: argparse.Namespace) -> dict:
-    """Runs the training loop and saves the EMA weights; returns the training record."""
+def save(model: WanTransformer3DModel, table: torch.Tensor, out: Path, info: dict) -> None:
+    """Writes transformer weights, prompt table, config and training record into one safetensors file."""
+    config = {**MODEL_CONFIG, "patch_size": list(MODEL_CONFIG["patch_size"])}
+    write_weight_file(model, {"prompt_embeds": table}, config, out, info)
+
+
+def setup(args: argparse.Namespace) -> tuple[torch.Generator, torch.device]:
+    """Threads and seeds for a deterministic run: (the data generator, the device)."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
-    device = torch.device(args.device)
+    return torch.Generator().manual_seed(args.seed), torch.device(args.device)
 
-    canvases, labels = load_digit_canvases()
-    table = make_prompt_table()
-    model = WanTransformer3DModel(**MODEL_CONFIG).to(device).train()
+
+def optimise(
+    model: torch.nn.Module, batch_loss: Callable[[torch.nn.Module], torch.Tensor], args: argparse.Namespace, n_data: int
+) -> tuple[torch.nn.Module, dict, float]:
+    """The training loop shared by the demo models: AdamW with warm-up, clipped gradients, an EMA copy.
+
+    `batch_loss(model)` draws one batch and returns its loss. Stops after `args.steps` steps or
+    `args.minutes`. Returns (the EMA model, the training record, the mean loss of the last log window).
+    """
     ema = copy.deepcopy(model).requires_grad_(False)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info(
-        "model: %d parameters; data: %d digits; %d steps of batch %d", n_params, len(labels), args.steps, args.batch_size
+        "model: %d parameters; data: %d digits; %d steps of batch %d", n_params, n_data, args.steps, args.batch_size
     )
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
 
     t0 = time.perf_counter()
-    running, step = 0.0, 0
+    running, step, last_loss = 0.0, 0, float("nan")
     for step in range(1, args.steps + 1):
-        idx = torch.randint(len(labels), (args.batch_size,), generator=generator)
-        x0 = render_videos(canvases[idx], generator)
-        cls = torch.where(torch.rand(args.batch_size, generator=generator) < args.p_uncond, NULL_CLASS, labels[idx])
-        noise = torch.randn(x0.shape, generator=generator)
-        s = sample_sigmas(args.batch_size, generator, args.train_shift).view(-1, 1, 1, 1, 1)
-        x_t = (1 - s) * x0 + s * noise
-        target = noise - x0
-
+        loss = batch_loss(model)
         for group in opt.param_groups:
             group["lr"] = args.lr * min(1.0, step / args.warmup)
-        pred = model(
-            hidden_states=x_t.to(device),
-            timestep=(s.flatten() * 1000).to(device),
-            encoder_hidden_states=table[cls].to(device),
-            return_dict=False,
-        )[0]
-        loss = F.mse_loss(pred.float(), target.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -193,7 +195,8 @@ def train(args: argparse.Namespace) -> dict:
         running += loss.item()
         elapsed = time.perf_counter() - t0
         if step % args.log_every == 0:
-            logger.info("step %d/%d  loss %.4f  %.1f s", step, args.steps, running / args.log_every, elapsed)
+            last_loss = running / args.log_every
+            logger.info("step %d/%d  loss %.4f  %.1f s", step, args.steps, last_loss, elapsed)
             running = 0.0
         if args.minutes and elapsed > args.minutes * 60:
             logger.warning(
@@ -213,6 +216,33 @@ def train(args: argparse.Namespace) -> dict:
         "seconds": round(time.perf_counter() - t0, 1),
         "parameters": n_params,
     }
+    return ema, info, last_loss
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Runs the training loop and saves the EMA weights; returns the training record."""
+    generator, device = setup(args)
+    canvases, labels = load_digit_canvases()
+    table = make_prompt_table()
+    model = WanTransformer3DModel(**MODEL_CONFIG).to(device).train()
+
+    def batch_loss(model: WanTransformer3DModel) -> torch.Tensor:
+        idx = torch.randint(len(labels), (args.batch_size,), generator=generator)
+        x0 = render_videos(canvases[idx], generator)
+        cls = torch.where(torch.rand(args.batch_size, generator=generator) < args.p_uncond, NULL_CLASS, labels[idx])
+        noise = torch.randn(x0.shape, generator=generator)
+        s = sample_sigmas(args.batch_size, generator, args.train_shift).view(-1, 1, 1, 1, 1)
+        x_t = (1 - s) * x0 + s * noise
+        target = noise - x0
+        pred = model(
+            hidden_states=x_t.to(device),
+            timestep=(s.flatten() * 1000).to(device),
+            encoder_hidden_states=table[cls].to(device),
+            return_dict=False,
+        )[0]
+        return F.mse_loss(pred.float(), target.to(device))
+
+    ema, info, _ = optimise(model, batch_loss, args, len(labels))
     if args.eval_per_class:
         info["eval_accuracy"] = evaluate(
             ema, table, canvases, labels, args.eval_per_class, args.eval_steps, args.eval_guidance
@@ -223,8 +253,9 @@ def train(args: argparse.Namespace) -> dict:
     return info
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def make_parser(description: str = __doc__.splitlines()[0]) -> argparse.ArgumentParser:
+    """The training options with the Wan model's defaults; other demo trainers override some."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--out", default=str(WEIGHTS_PATH), help="weight file to write")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--minutes", type=float, default=28.0, help="wall-clock cap; 0 for none")
@@ -241,7 +272,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-per-class", type=int, default=10, help="0 skips the sample-quality check")
     p.add_argument("--eval-steps", type=int, default=50)
     p.add_argument("--eval-guidance", type=float, default=4.0)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return make_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
