@@ -119,6 +119,7 @@ class RecordingPolicy(Policy):
 
     name = "record"
     config_class = RecordConfig
+    reads_timestep = True  # the trajectories keep the timesteps
 
     def __init__(self, config: RecordConfig) -> None:
         super().__init__(config)

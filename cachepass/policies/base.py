@@ -140,6 +140,9 @@ class Policy(ABC):
     config_class: ClassVar[type[PolicyConfig]]
     examples: ClassVar[dict[str, dict[str, Any]]] = {}
     calibration: ClassVar["Calibration | None"] = None
+    #: Whether ``decide`` / ``after_compute`` read ``ctx.timestep``. When not, and the pipeline states the
+    #: step (``cache_context`` with a step index), the timestep is never read back from the device.
+    reads_timestep: ClassVar[bool] = False
 
     def __init__(self, config: PolicyConfig) -> None:
         self.config = config

@@ -109,6 +109,13 @@ class CachedProgram:
         self.reuses = reuses
         self.layout = layout if layout is not None else id(self)  # what its cache writes mean
 
+    def _reads_timestep(self, signal) -> bool:
+        """Whether this call's timestep is read back to the host: not when the pipeline states the step
+        and the policy does not read it (a device read waits for the queue to drain)."""
+        if self.timestep_index is None:
+            return False
+        return signal is None or signal.step_index is None or self.policy.reads_timestep
+
     def _new_branch(self):
         return self.policy.new_state(), self.reconstruction.new_cache()
 
@@ -126,7 +133,7 @@ class CachedProgram:
         indicator = head_out[0] if self.has_indicator else None
         exported = head_out[1:] if self.has_indicator else head_out
 
-        t = timestep_key(args[self.timestep_index]) if self.timestep_index is not None else None
+        t = timestep_key(args[self.timestep_index]) if self._reads_timestep(signal) else None
         placement = runtime.place(signal, t, self.num_steps)
         # a policy that never reuses (calibration's recorder) keeps its branch through uncertain calls
         certain = placement.certain or not self.reuses
@@ -135,6 +142,7 @@ class CachedProgram:
         ctx = CallContext(placement.request, placement.step, placement.branch_index, placement.num_steps,
                           t if isinstance(t, float) else None, self.sync, placement.branch)
         compute = self.policy.decide(branch.policy_state, ctx, indicator)
+        branch.cache.note_time(placement.step, ctx.timestep)  # real-time predictions (reconstruction/foca.py)
         compute = compute or not certain or not branch.cache.ready()
         if not certain and placement.doubt not in runtime.doubts:
             runtime.doubts.add(placement.doubt)
