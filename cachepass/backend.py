@@ -24,7 +24,7 @@ from .analysis.training import has_active_dropout
 from .analysis.values import is_user_input, source_name
 from .errors import NoBlockStack, OptionError, SplitStack, UnsupportedStructure
 from .options import Settings, parse_options
-from .runtime import signals
+from .runtime import fragments, signals
 from .runtime.distributed import DecisionSync
 from .runtime.identity import InstanceIdentity, find_outer_module
 from .runtime.program import CachedProgram, UncachedProgram
@@ -169,6 +169,9 @@ def _compile(gm, example_inputs, settings: Settings, root, state: PassState, con
         run_stages(state, TRANSFORM)
     except NoBlockStack as exc:
         outer = find_outer_module(root, sys._getframe())
+        piece = fragments.block_graph_program(gm, example_inputs, settings, root, outer, identity, state)
+        if piece is not None:  # a graph of a block's own frame: a fragment of a stack split by graph breaks
+            return piece
         split = split_block(outer, root) if outer is not None and root is not None else None
         if split is not None:  # a block in a graph of its own: the stack is split by graph breaks
             parent, count = split
@@ -180,10 +183,13 @@ def _compile(gm, example_inputs, settings: Settings, root, state: PassState, con
         if outer is not None and _has_stack(outer):  # a helper piece of a model whose stack is elsewhere
             log.debug("cachepass: a graph of %s holds no blocks (%s); it runs unchanged",
                       type(outer).__name__, exc)
-            return _fallback(gm, example_inputs, settings, str(exc), root, identity, counts=False, warn=False,
-                             state=state)
+            return fragments.helper_program(gm, _fallback(gm, example_inputs, settings, str(exc), root, identity,
+                                                          counts=False, warn=False, state=state), identity)
         return _fallback(gm, example_inputs, settings, str(exc), root, identity, counts=False, state=state)
-    except SplitStack as exc:  # one warning for all the fragments of one split list
+    except SplitStack as exc:  # the model's frame split by graph breaks: each graph a fragment, else one warning
+        program = fragments.split_graph_program(gm, example_inputs, settings, root, identity, state)
+        if program is not None:
+            return program
         return _fallback(gm, example_inputs, settings, str(exc), root, identity, warn_key=("split", exc.parent),
                          state=state)
     except UnsupportedStructure as exc:
@@ -215,6 +221,10 @@ def _compile(gm, example_inputs, settings: Settings, root, state: PassState, con
                 tuple(b.module.qualified_name for b in structure.blocks),
                 tuple(source_name(s.input) for s in structure.stream)),
     )
+    if settings.decisions == "device":
+        from .runtime.device_program import device_program
+
+        program = device_program(program, state, settings)
     state.outcome = "caching: on"
     log.info(
         "cachepass: policy %r on %d blocks (%s), %d residual-stream tensor(s); prologue %d / body %d / epilogue %d "

@@ -5,12 +5,14 @@ It traces the model once with Dynamo under ``torch.no_grad()`` and an analysis-o
 runs eagerly; nothing is cached or compiled by inductor), runs the analysis stages and the cut stages of
 :mod:`cachepass.stages` on each captured graph, and reports: the blocks, the residual stream, the
 timestep input, the indicators, where the policy's cut falls (with its options: ``{"Fn": 8}`` for
-dbcache), the head/cached/after sizes (prologue/body/epilogue when no cut is made), and why caching
-would be off if it would be.
+dbcache), the residual pairs of the cut (``end - start``; a joined one names its join), the
+head/cached/after sizes (prologue/body/epilogue when no cut is made), and why caching would be off if it
+would be.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -19,11 +21,15 @@ import torch
 from . import graph_dump
 from ._dynamo import unwrap
 from .analysis.block_parts import find_block_parts
+from .analysis.blocks import find_block_stack
 from .analysis.values import example_value, input_name, is_user_input
 from .backend import find_root_module
-from .errors import OptionError, UnsupportedStructure
+from .errors import NoBlockStack, OptionError, SplitStack, UnsupportedStructure
 from .options import Settings, parse_options
+from .runtime import fragments
+from .runtime.identity import find_outer_module
 from .stages import ANALYSIS, CUT, PassState, run_stages
+from .transform.partition import JoinedStart
 
 
 @dataclass
@@ -41,8 +47,29 @@ class GraphReport:
     block_parts: list[str] = field(default_factory=list)  # child names, e.g. attn1, attn2, ffn
     block_part_outputs: int = 0
     cut: tuple[int, int] | None = None  # block boundaries (a, b): [0, a) in the head, [a, b) cached
+    joins: dict[str, str] = field(default_factory=dict)  # joined stream's name -> the join (cat) between the blocks
+    pairs: list[tuple[str, str, str | None]] = field(default_factory=list)  # (end, start, join or None) per cache write
+    fragment: str | None = None  # a graph holding part of a stack split by graph breaks: what it is and does
+    unet: list[str] = field(default_factory=list)  # a U-Net: its DeepCache cut in words (no block stack)
+
+    def _unet_lines(self) -> list[str]:
+        out = list(self.unet)
+        out.append(f"timestep input: {self.timestep_input or 'not found (each call counts as a step)'}")
+        for key, node in self.indicators.items():
+            mark = "  <- used by the policy" if key == self.indicator_used else ""
+            out.append(f"indicator {key}: {node}{mark}")
+        for end, _, _ in self.pairs:
+            out.append(f"cache write: {end} (a value: the deep feature itself, no residual partner)")
+        out.append("nodes: " + ", ".join(f"{k} {v}" for k, v in self.node_counts.items()))
+        out.append("caching: on" if self.caching else f"caching off: {self.reason}")
+        return out
 
     def lines(self) -> list[str]:
+        if self.fragment is not None:
+            return [f"fragment of a split block stack: {self.fragment}",
+                    "caching: on (as a fragment)" if self.caching else "caching off (this graph always computes)"]
+        if self.unet:
+            return self._unet_lines()
         if not self.stacks:
             return [f"caching off: {self.reason}"]
         out = []
@@ -50,7 +77,9 @@ class GraphReport:
             out.append(f"block stack: {count} x {cls} in {parent!r}")
         out.append(f"  blocks: {self.blocks[0]} .. {self.blocks[-1]}")
         for name, shape, dtype in self.stream:
-            out.append(f"residual stream: {name} {shape} {dtype}")
+            join = self.joins.get(name)
+            joined = f" (joined: {join!r} concatenates the stream between the blocks)" if join else ""
+            out.append(f"residual stream: {name} {shape} {dtype}{joined}")
         out.append(f"side inputs of the blocks: {', '.join(self.side_inputs) or 'none'}")
         out.append(f"timestep input: {self.timestep_input or 'not found (each call counts as a step)'}")
         for key, node in self.indicators.items():
@@ -64,6 +93,10 @@ class GraphReport:
             n = len(self.blocks)
             out.append(f"cut: blocks [0, {a}) run in the head, [{a}, {b}) are cached, [{b}, {n}) run after "
                        "the decision")
+        for end, start, join in self.pairs:
+            joined = (f" (joined: {join!r} applied to the values entering the cached blocks, a node the variants "
+                      "add)") if join else ""
+            out.append(f"residual pair: {end} - {start}{joined}")
         out.append("nodes: " + ", ".join(f"{k} {v}" for k, v in self.node_counts.items()))
         out.append("caching: on" if self.caching else f"caching off: {self.reason}")
         return out
@@ -89,10 +122,25 @@ class Report:
 def _describe(gm, settings: Settings) -> GraphReport:
     state = PassState(gm, find_root_module(gm))
     report = _report(state, settings.policy)
+    if not report.caching and state.failed == "block_stack":  # a graph holding part of a split stack?
+        report = _fragment(gm, state.root, settings, report)
     if settings.debug_dir is not None:
         graph_dump.write(settings.debug_dir, state, policy=settings.policy_name,
                          outcome="caching: on" if report.caching else f"caching off: {report.reason}")
     return report
+
+
+def _fragment(gm, root, settings: Settings, report: GraphReport) -> GraphReport:
+    try:
+        find_block_stack(gm)
+        error = SplitStack("", "")  # the graph holds blocks: some of a list split by graph breaks
+    except NoBlockStack as exc:
+        error = exc
+    outer = find_outer_module(root, sys._getframe()) if root is not None else None
+    found = fragments.describe_graph(gm, root, outer, settings, error)
+    if found is None:
+        return report
+    return GraphReport(caching=found[0], reason=report.reason, fragment=found[1])
 
 
 def _report(state: PassState, policy) -> GraphReport:
@@ -102,11 +150,15 @@ def _report(state: PassState, policy) -> GraphReport:
         return GraphReport(caching=False, reason=str(exc))
     structure = state.structure
     report = GraphReport(caching=True)
+    if structure.unet is not None:
+        return _unet_report(state, policy, report)
     report.stacks = [(s.parent, s.class_name, len(s.blocks)) for s in structure.stacks]
     report.blocks = [b.module.qualified_name for b in structure.blocks]
     for s in structure.stream:
         value = example_value(s.output)
-        report.stream.append((s.input.name, [str(d) for d in value.shape], str(value.dtype).replace("torch.", "")))
+        report.stream.append((s.start_name, [str(d) for d in value.shape], str(value.dtype).replace("torch.", "")))
+        if s.join is not None:
+            report.joins[s.start_name] = s.join.name
     report.side_inputs = [
         n.name for n in structure.side_inputs
         if n.op != "placeholder" or is_user_input(n)
@@ -127,6 +179,8 @@ def _report(state: PassState, policy) -> GraphReport:
         report.node_counts = {"head": len(partition.head), "cached": len(partition.cached),
                               "after": len(partition.after)}
         report.cut = partition.span
+        report.pairs = [(end.name, start.name, start.join.name if isinstance(start, JoinedStart) else None)
+                        for start, end in partition.pairs]
         if partition.indicator_base is not None:
             base = partition.indicator_base
             report.indicators[requirements.indicator] = f"{partition.indicator.name} - {base.name}"
@@ -134,6 +188,37 @@ def _report(state: PassState, policy) -> GraphReport:
         report.caching, report.reason = False, str(exc)
         report.node_counts = {"prologue": len(structure.prologue), "body": len(structure.body),
                               "epilogue": len(structure.epilogue)}
+    return report
+
+
+def _unet_report(state: PassState, policy, report: GraphReport) -> GraphReport:
+    structure, cut = state.structure, state.structure.unet
+    deep = example_value(cut.deep_feature)
+    skips = ", ".join(s.skip.name for s in cut.level)
+    report.unet = [
+        f"U-Net (no block stack): {len(cut.skips)} skip connection(s) (a cat of a down-path tensor into the up "
+        f"path) at {cut.levels} spatial size(s)",
+        f"  shallowest level: {len(cut.level)} skip(s) at [{', '.join(cut.level[0].spatial)}] ({skips}): with the "
+        "input layers, the first down level, the last up level and the output layers, computed on every call",
+        f"  deep feature: {cut.deep_feature.name} {[str(d) for d in deep.shape]} "
+        f"{str(deep.dtype).replace('torch.', '')}, entering the last up level: cached as a value (DeepCache); a "
+        "reuse call skips the deeper down levels, the middle and the deeper up levels",
+    ]
+    if structure.timestep_input is not None:
+        report.timestep_input = input_name(structure.timestep_input)
+    report.indicators = {k: v.name for k, v in structure.indicators.items()}
+    requirements = state.requirements = policy.requirements()
+    report.indicator_used = requirements.indicator
+    try:
+        run_stages(state, CUT)
+        partition = state.partition
+        report.node_counts = {"head": len(partition.head), "cached": len(partition.cached),
+                              "after": len(partition.after)}
+        report.pairs = [(end.name, start.name, None) for start, end in partition.pairs]
+    except UnsupportedStructure as exc:
+        report.caching, report.reason = False, str(exc)
+        report.node_counts = {"head": len(structure.prologue), "cached": len(structure.body),
+                              "after": len(structure.epilogue)}
     return report
 
 

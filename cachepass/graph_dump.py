@@ -148,8 +148,13 @@ def regions_text(state: "PassState", title: str | None = None) -> str:
         n = sum(len(s.blocks) for s in state.stacks)
         a, b = partition.span
         epilogue = [x for x in partition.after if x in state.epilogue]
-        lines.append(f"# cut: blocks [0, {a}) run in the head, [{a}, {b}) are cached, [{b}, {n}) and the epilogue "
-                     "run after the decision")
+        unet = getattr(state, "unet", None)
+        if unet is not None:
+            lines.append(f"# cut (U-Net): the deep feature {unet.deep_feature.name} is cached; the head and "
+                         "what it feeds (the epilogue) run on every call")
+        else:
+            lines.append(f"# cut: blocks [0, {a}) run in the head, [{a}, {b}) are cached, [{b}, {n}) and the "
+                         "epilogue run after the decision")
         lines.append(f"# nodes: head {len(partition.head)}, cached {len(partition.cached)}, "
                      f"after {len(partition.after) - len(epilogue)}, epilogue {len(epilogue)}")
         if partition.indicator is not None:

@@ -3,7 +3,8 @@
 Every stage is a function ``stage(state) -> None`` on a :class:`PassState`: it reads what the stages
 before it left on the state and adds its own result; the analysis stages never change the graph.
 
-* ``block_stack``: ``stacks``, the repeated blocks; with the root module known, the whole list
+* ``block_stack``: ``stacks``, the repeated blocks; with the root module known, the whole list; a U-Net's
+  ``unet`` cut instead
 * ``regions``: the ``prologue`` / ``body`` / ``epilogue`` node sets
 * ``checks``: ``dataflow`` (networkx graph); the body is convex and writes into nothing made outside it
 * ``residual_stream``: ``stream`` (in/out pairs), ``side_inputs``, ``stream_sources``
@@ -58,6 +59,7 @@ from .analysis.structure import (
     split_regions,
 )
 from .analysis.timestep import find_timestep_embedding, find_timestep_input
+from .analysis.unet import UNetCut, find_unet, unet_regions
 from .errors import UnsupportedStructure
 from .policies.base import Requirements
 from .transform import partition as partition_pass
@@ -80,6 +82,7 @@ class PassState:
     inductor_mode: str | None = None
     # analysis
     stacks: list[BlockStack] = field(default_factory=list)
+    unet: UNetCut | None = None  # a U-Net (no stacks): its DeepCache cut (``analysis/unet.py``)
     prologue: set[fx.Node] = field(default_factory=set)
     body: set[fx.Node] = field(default_factory=set)
     epilogue: set[fx.Node] = field(default_factory=set)
@@ -116,7 +119,11 @@ class Stage:
 
 def block_stack(state: PassState) -> None:
     """The repeated blocks (``analysis/blocks.py``); with the root module known, a graph that holds only
-    some blocks of its list (a graph break splits it) raises ``SplitStack``."""
+    some blocks of its list (a graph break splits it) raises ``SplitStack``. A U-Net (skip connections at
+    two spatial sizes or more) has no stack: its DeepCache cut instead (``analysis/unet.py``)."""
+    state.unet = find_unet(state.gm)
+    if state.unet is not None:
+        return
     stacks = find_block_stack(state.gm)
     if state.root is not None:
         for stack in stacks:
@@ -125,7 +132,11 @@ def block_stack(state: PassState) -> None:
 
 
 def regions(state: PassState) -> None:
-    """Prologue / body / epilogue node sets (``analysis/structure.py``)."""
+    """Prologue / body / epilogue node sets (``analysis/structure.py``); a U-Net's: the head, the deep
+    part a reuse skips and what its deep feature feeds (``analysis/unet.py``)."""
+    if state.unet is not None:
+        state.prologue, state.body, state.epilogue = unet_regions(state.gm, to_networkx(state.gm.graph), state.unet)
+        return
     state.prologue, state.body, state.epilogue = split_regions(state.gm, state.stacks)
 
 
@@ -140,11 +151,16 @@ def residual_stream(state: PassState) -> None:
     """The stream tensors and their in/out pairing; the body's other inputs (``residual_stream.py``)."""
     order = {n: i for i, n in enumerate(state.gm.graph.nodes)}
     inputs, outputs = body_inputs(state.body, order), body_outputs(state.body, order)
+    if state.unet is not None:  # a value reuse: no stream, every body input a side input
+        state.stream, state.side_inputs, state.stream_sources = [], inputs, set()
+        return
     state.first_block = [n for n in state.stacks[0].blocks[0].nodes if n in state.body]
-    state.stream = find_residual_stream(state.dataflow, inputs, outputs, set(state.first_block))
-    stream_inputs = {s.input for s in state.stream}
+    block_nodes = {n for k in state.stacks for b in k.blocks for n in b.nodes}
+    state.stream = find_residual_stream(state.dataflow, inputs, outputs, set(state.first_block), state.body,
+                                        block_nodes)
+    stream_inputs = {i for s in state.stream for i in s.inputs}
     state.side_inputs = [i for i in inputs if i not in stream_inputs]
-    state.stream_sources = set().union(*(nx.ancestors(state.dataflow, s.input) | {s.input} for s in state.stream))
+    state.stream_sources = set().union(*(nx.ancestors(state.dataflow, i) | {i} for i in stream_inputs))
 
 
 def timestep(state: PassState) -> None:
@@ -161,7 +177,7 @@ def indicators(state: PassState) -> None:
     state.structure = DenoiserStructure(
         gm=state.gm, stacks=state.stacks, prologue=state.prologue, body=state.body, epilogue=state.epilogue,
         stream=state.stream, side_inputs=state.side_inputs, timestep_input=state.timestep_input,
-        indicators=found, dataflow=state.dataflow,
+        indicators=found, dataflow=state.dataflow, unet=state.unet,
     )
 
 
@@ -211,6 +227,9 @@ def compile_pieces(state: PassState) -> None:
 # --- what the debug log says after each stage ------------------------------------------------------
 
 def _stacks(s: PassState) -> str:
+    if s.unet is not None:
+        return (f"a U-Net: {len(s.unet.skips)} skip connection(s) at {s.unet.levels} level(s); deep feature "
+                f"{s.unet.deep_feature.name}")
     return ", ".join(f"{len(k.blocks)} x {k.class_name} in {k.parent!r}" for k in s.stacks)
 
 
@@ -223,7 +242,7 @@ def _checks(s: PassState) -> str:
 
 
 def _stream(s: PassState) -> str:
-    pairs = ", ".join(f"{t.input.name} -> {t.output.name}" for t in s.stream)
+    pairs = ", ".join(f"{t.start_name} -> {t.output.name}" for t in s.stream)
     return f"{len(s.stream)} stream tensor(s) ({pairs}); {len(s.side_inputs)} side input(s)"
 
 

@@ -7,6 +7,10 @@ is found without an adapter.
 A *stack* is a run of at least two consecutive blocks (in graph order) of the same class under the same
 parent list, with consecutive indices. The *body* is the longest stack together with the stacks right
 before and after it (FLUX: 19 double-stream blocks, then 38 single-stream blocks).
+
+Modules of *other* lists may run between two consecutive blocks of the longest stack (ConsisID: a face
+cross-attention of ``perceiver_cross_attention`` after every other block): the stack then goes on across
+them to its list's next block, and they are part of the body (their work is in the stack's residual).
 """
 
 from __future__ import annotations
@@ -64,6 +68,39 @@ def _runs(blocks: list[Block]) -> list[list[Block]]:
     return runs
 
 
+def _continues(run: list[Block], block: Block, step: int) -> bool:
+    """Whether ``block`` is the block of ``run``'s list right after (``step`` 1) or before (-1) it."""
+    end = run[-1] if step > 0 else run[0]
+    return (block.module.parent == end.module.parent and block.module.class_name == end.module.class_name
+            and block.module.index == end.module.index + step)
+
+
+def _across_other_lists(runs: list[list[Block]], main: int) -> tuple[list[list[Block]], int]:
+    """``runs`` with the ``main`` run joined to the runs of its own list that continue it across runs of
+    other lists only (their modules run between its blocks), and the joined run's new position."""
+    parent = runs[main][0].module.parent
+    run, first, last = list(runs[main]), main, main
+    for step in (1, -1):
+        k = main + step
+        while 0 <= k < len(runs) and runs[k][0].module.parent != parent:
+            k += step
+        while 0 <= k < len(runs) and _continues(run, runs[k][-1 if step < 0 else 0], step):
+            run = run + runs[k] if step > 0 else runs[k] + run
+            if step > 0:
+                last = k
+            else:
+                first = k
+            k += step
+            while 0 <= k < len(runs) and runs[k][0].module.parent != parent:
+                k += step
+    if first == last:
+        return runs, main
+    inside = [r for r in runs[first:last + 1] if r[0].module.parent != parent]
+    if not inside:  # nothing ran between: the runs were already one
+        return runs, main
+    return runs[:first] + [run] + runs[last + 1:], first
+
+
 def find_block_stack(gm: fx.GraphModule) -> list[BlockStack]:
     """The consecutive stacks that form the body, in graph order. Raises if there is none."""
     runs = _runs(blocks_in_graph_order(gm))
@@ -73,6 +110,8 @@ def find_block_stack(gm: fx.GraphModule) -> list[BlockStack]:
             "no block stack found: no run of two or more same-class blocks inside a ModuleList"
         )
     main = max(stacks, key=lambda i: (len(runs[i]), sum(len(b.nodes) for b in runs[i])))
+    runs, main = _across_other_lists(runs, main)
+    stacks = [i for i, run in enumerate(runs) if len(run) >= 2]
     first = last = main
     while first - 1 in stacks:
         first -= 1

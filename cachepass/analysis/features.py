@@ -1,6 +1,7 @@
 """Named tensors inside the body that a policy may ask the compute variant to hand back.
 
-Names: ``block_output:K`` (the first stream tensor leaving block ``K``) and ``attention_output:K``
+Names: ``block_output:K`` (the first stream-shaped tensor leaving block ``K``; a joined stream's
+output shape counts) and ``attention_output:K``
 (the output of the first attention sub-module of block ``K``, before its gate). ``K`` may be negative
 (from the end) or ``middle`` (``len(blocks) // 2``), so policies never hard-code a depth.
 
@@ -10,7 +11,8 @@ one frame, which no ``(batch, tokens, width)`` stream tensor can.
 
 ``stream_input`` / ``stream_output`` (no index) are the first residual-stream tensor entering and
 leaving the whole block stack: their difference is the residual a reuse replays, so calibration
-records them. ``indicator:NAME`` is an indicator the analysis found (``timestep_embedding``,
+records them. A joined stream (:mod:`~cachepass.analysis.residual_stream`) has no ``stream_input``:
+no tensor entering the blocks is its partner. ``indicator:NAME`` is an indicator the analysis found (``timestep_embedding``,
 ``modulated_input``, ``first_block_output``: :data:`~cachepass.analysis.indicators.INDICATORS`), for a
 policy that compares several candidates; a policy's ``Requirements.indicator`` may name its indicator
 the same way (``indicator:timestep_embedding`` or just ``timestep_embedding``, see :func:`indicator_name`).
@@ -109,15 +111,15 @@ def _first_stream_tensor(structure, name: str):
 def _frame_grid(structure) -> fx.Node:
     """The nearest 5-d ancestor of the first stream input whose last three sizes multiply to its token
     count (dimension 1 of a ``(batch, tokens, width)`` stream)."""
-    stream_in = _first_stream_tensor(structure, "frame_grid").input
-    value = example_value(stream_in)
-    if isinstance(value, torch.Tensor) and value.dim() == 3:
-        order = structure.order
-        for node in sorted(nx.ancestors(structure.dataflow, stream_in), key=order.__getitem__, reverse=True):
-            grid = example_value(node)
-            if isinstance(grid, torch.Tensor) and grid.dim() == 5:
-                if str(grid.shape[2] * grid.shape[3] * grid.shape[4]) == str(value.shape[1]):
-                    return node
+    for stream_in in _first_stream_tensor(structure, "frame_grid").inputs:  # a joined stream: each joined input
+        value = example_value(stream_in)
+        if isinstance(value, torch.Tensor) and value.dim() == 3:
+            order = structure.order
+            for node in sorted(nx.ancestors(structure.dataflow, stream_in), key=order.__getitem__, reverse=True):
+                grid = example_value(node)
+                if isinstance(grid, torch.Tensor) and grid.dim() == 5:
+                    if str(grid.shape[2] * grid.shape[3] * grid.shape[4]) == str(value.shape[1]):
+                        return node
     raise UnsupportedStructure(
         "feature 'frame_grid' not found: no 5-d (batch, channels, frames, height, width) latent that the "
         "residual stream's tokens come from (not a video model?); a policy that asks for it to count "
@@ -130,6 +132,12 @@ def resolve_feature(structure, name: str) -> fx.Node:
         return _frame_grid(structure)
     if name in ("stream_input", "stream_output"):
         first = _first_stream_tensor(structure, name)
+        if first.join is not None and name == "stream_input":
+            raise UnsupportedStructure(
+                f"feature {name!r}: the residual stream is joined ({first.output.name!r} leaves the blocks as "
+                f"{first.start_name} of the tensors entering them, made by {first.join.name!r}): no tensor "
+                "entering the blocks pairs with it, so there is no stream input to observe"
+            )
         return first.input if name == "stream_input" else first.output
     kind, _, token = name.partition(":")
     if kind != "indicator" and not BLOCK_FEATURE.fullmatch(name):
@@ -142,7 +150,7 @@ def resolve_feature(structure, name: str) -> fx.Node:
     block = structure.blocks[_block_index(structure, token)]
     members = set(block.nodes)
     if kind == "block_output":
-        shapes = {tensor_signature(s.input) for s in structure.stream}
+        shapes = {tensor_signature(n) for s in structure.stream for n in (*s.inputs, s.output)}
         for node in block.nodes:
             if tensor_signature(node) in shapes and any(u not in members for u in node.users):
                 return node

@@ -69,8 +69,8 @@ def find_modulated_input(
 ) -> fx.Node | None:
     if embedding is None or not stream:
         return None
-    stream_in = {s.input for s in stream}
-    shapes = {tensor_signature(s.input) for s in stream}
+    stream_in = {i for s in stream for i in s.inputs}
+    shapes = {tensor_signature(i) for i in stream_in}
     for node in first_block:  # graph order
         if tensor_signature(node) not in shapes:
             continue
@@ -82,7 +82,7 @@ def find_modulated_input(
 
 def find_first_block_output(first_block: list[fx.Node], stream: list[StreamTensor]) -> fx.Node | None:
     members = set(first_block)
-    shapes = [tensor_signature(s.input) for s in stream]
+    shapes = [tensor_signature(i) for s in stream for i in s.inputs]
     leaving = [n for n in first_block if any(u not in members for u in n.users)]
     for shape in shapes:
         for node in leaving:

@@ -26,6 +26,7 @@ from ..errors import SplitStack, UnsupportedStructure
 from .blocks import BlockStack
 from .dataflow import alias_root, convexity_violation, mutations_escaping
 from .residual_stream import StreamTensor
+from .unet import UNetCut
 
 log = get_logger(__name__)
 
@@ -44,10 +45,22 @@ class DenoiserStructure:
     timestep_input: fx.Node | None
     indicators: dict[str, fx.Node] = field(default_factory=dict)
     dataflow: nx.DiGraph | None = None
+    unet: UNetCut | None = None  # a U-Net: no stacks, no stream; its deep feature is cached as a value
+
+    @property
+    def deep_feature(self) -> fx.Node | None:
+        """A U-Net's cached value (``analysis/unet.py``); ``None`` for a block stack."""
+        return self.unet.deep_feature if self.unet is not None else None
 
     @property
     def blocks(self):
         return [b for s in self.stacks for b in s.blocks]
+
+    @property
+    def joins(self) -> list[fx.Node]:
+        """The joins of the joined stream tensors (``cat`` nodes in the body, outside the blocks), graph order."""
+        order = self.order
+        return sorted({s.join for s in self.stream if s.join is not None}, key=order.__getitem__)
 
     @property
     def order(self) -> dict[fx.Node, int]:
@@ -63,11 +76,11 @@ class DenoiserStructure:
     def boundary_values(self, k: int) -> list[fx.Node]:
         """The values crossing the boundary before block ``k``: the stream at that point.
 
-        Boundary 0 is the body's stream inputs; ``len(blocks)`` its stream outputs; in between, every
-        body value made before block ``k`` and read from block ``k`` on.
+        Boundary 0 is the body's stream inputs (a joined stream tensor's every joined input); ``len(blocks)``
+        its stream outputs; in between, every body value made before block ``k`` and read from block ``k`` on.
         """
         if k == 0:
-            return [s.input for s in self.stream]
+            return [i for s in self.stream for i in s.inputs]
         if k == len(self.blocks):
             return [s.output for s in self.stream]
         order, pos = self.order, self.boundary_position(k)

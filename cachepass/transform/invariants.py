@@ -12,8 +12,13 @@
   those read by a cached or after node or by the graph's output, the pair starts, the observed tensors;
 * granularity ``stack``: each residual pair ``(start, end)`` has one shape and dtype, ``start`` is
   ``end`` or one of its ancestors and is a head value or a graph input, ``end`` is made before the
-  blocks after the span (a head or cached node), and no end is paired twice; every after node and the
-  graph's output read only after nodes, head values, graph inputs and pair ends (what a reuse call has);
+  blocks after the span (a head or cached node), and no end is paired twice; a joined start
+  (:class:`~cachepass.transform.partition.JoinedStart`) is a join of as many tensors as it has parts, the
+  join is not in the head and an ancestor of ``end``, and each part (a head value or a graph input) has the
+  shape and dtype of the join's input it stands for and is that input or one of its ancestors; a value
+  pair's end (a U-Net's deep feature) is a tensor in the cached span; every after
+  node and the graph's output read only after nodes, head values, graph inputs and pair ends (what a reuse
+  call has);
 * granularity ``block``: the cached part outputs are predicted nodes, the predicted nodes are cached
   nodes and every part output is a tensor.
 
@@ -33,8 +38,10 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
+from ..analysis.residual_stream import join_parts
 from ..analysis.values import example_value, tensor_signature
 from ..errors import UnsupportedStructure
+from .partition import JoinedStart, ValueStart, start_nodes, start_signature
 
 
 def names(nodes, limit: int = 4) -> str:
@@ -88,7 +95,8 @@ def check_partition(structure, partition):
                     f"partition: the head is not closed under ancestors: head node {node.name!r} reads "
                     f"{arg.name!r}, which is {_region(partition, arg)} (runs after the cache decision)")
 
-    for label, node in (("indicator", partition.indicator), ("indicator base", partition.indicator_base)):
+    bases = [("indicator base", n) for n in start_nodes(partition.indicator_base)]
+    for label, node in (("indicator", partition.indicator), *bases):
         if node is not None and node not in partition.head and node not in inputs:
             raise UnsupportedStructure(
                 f"partition: the {label} {node.name!r} is {_region(partition, node)}, not a head value or a graph "
@@ -109,7 +117,8 @@ def check_partition(structure, partition):
     exported_set = set(exported)
     readers = [(n, arg) for n in sorted(partition.cached | partition.after, key=by_order) for arg in n.all_input_nodes]
     readers += [(output, arg) for arg in output.all_input_nodes]
-    readers += [(None, start) for start, _ in partition.pairs] + [(None, node) for node in partition.observed]
+    readers += [(None, n) for start, _ in partition.pairs for n in start_nodes(start)]
+    readers += [(None, node) for node in partition.observed]
     for reader, arg in readers:
         if arg in partition.head and arg not in exported_set:
             by = f"read by {reader.name!r}" if reader is not None else "a residual pair start or observed tensor"
@@ -148,17 +157,50 @@ def check_partition(structure, partition):
 def _check_pairs(structure, partition, inputs: set[fx.Node]) -> None:
     g = structure.dataflow
     seen: set[fx.Node] = set()
+
+    def descends(start, end) -> bool:
+        return start is end or (g is not None and start in g and end in g and nx.has_path(g, start, end))
+
     for start, end in partition.pairs:
         pair = f"residual pair ({start.name!r}, {end.name!r})"
-        if tensor_signature(start) != tensor_signature(end):
+        if isinstance(start, ValueStart):  # a value pair: the cache holds ``end`` itself
+            if tensor_signature(end) is None:
+                raise UnsupportedStructure(f"partition: value pair of {end.name!r}: it is not a tensor")
+            if end not in partition.cached:
+                raise UnsupportedStructure(
+                    f"partition: value pair of {end.name!r}: it is {_region(partition, end)}, not in the cached span "
+                    "(a reuse call would compute it anyway)")
+            if end in seen:
+                raise UnsupportedStructure(f"partition: {pair}: {end.name!r} is the end of two residual pairs")
+            seen.add(end)
+            continue
+        if start_signature(start) != tensor_signature(end):
             raise UnsupportedStructure(
                 f"partition: {pair}: the two are not tensors of one shape and dtype "
-                f"({tensor_signature(start)} vs {tensor_signature(end)})")
-        if start is not end and (g is None or start not in g or end not in g or not nx.has_path(g, start, end)):
-            raise UnsupportedStructure(f"partition: {pair}: {start.name!r} is not an ancestor of {end.name!r}")
-        if start not in partition.head and start not in inputs:
+                f"({start_signature(start)} vs {tensor_signature(end)})")
+        joined = isinstance(start, JoinedStart)
+        if not descends(start.join if joined else start, end):
             raise UnsupportedStructure(
-                f"partition: {pair}: the start is {_region(partition, start)}, not a head value or a graph input")
+                f"partition: {pair}: {(start.join if joined else start).name!r} is not an ancestor of {end.name!r}")
+        if joined:
+            values = join_parts(start.join)
+            if values is None or len(values) != len(start.parts):
+                raise UnsupportedStructure(
+                    f"partition: {pair}: {start.join.name!r} is not a join of {len(start.parts)} tensor(s)")
+            if start.join in partition.head:
+                raise UnsupportedStructure(
+                    f"partition: {pair}: the join {start.join.name!r} runs in the head, so the value at the span "
+                    "start is made after it and needs no join")
+            for part, value in zip(start.parts, values):
+                if tensor_signature(part) != tensor_signature(value) or not descends(part, value):
+                    raise UnsupportedStructure(
+                        f"partition: {pair}: the joined start {part.name!r} does not stand for the join's input "
+                        f"{value.name!r} (another shape or dtype, or not its ancestor)")
+        for node in start_nodes(start):
+            if node not in partition.head and node not in inputs:
+                which = f"joined start {node.name!r}" if joined else "start"
+                raise UnsupportedStructure(
+                    f"partition: {pair}: the {which} is {_region(partition, node)}, not a head value or a graph input")
         if end not in partition.head and end not in partition.cached:
             raise UnsupportedStructure(
                 f"partition: {pair}: the end is {_region(partition, end)}, not made before the blocks after the span")

@@ -6,10 +6,12 @@ values; the reuse variant then takes the cache-read placeholders its reconstruct
 * head:    original inputs -> (indicator?, *exported)   (``front_residual``: the indicator is a new
            ``sub`` node, the front blocks' output minus their input)
 * compute: ... -> (*original outputs, *cache writes, *observed)   cache writes: ``stack``, the
-           residual ``end - start`` per cached pair; ``block``, the predictable parts' outputs.
+           residual ``end - start`` per cached pair (a value pair, a U-Net's deep feature: ``end``
+           itself); ``block``, the predictable parts' outputs.
            Observed tensors go to the policy
 * reuse:   ... , *cache -> (*original outputs)   ``stack``: the cached span's outputs are its inputs
-           plus the predicted residuals, then the blocks after the span and the epilogue; ``block``: the
+           plus the predicted residuals (a value pair's: the prediction), then the blocks after the span
+           and the epilogue; ``block``: the
            span's blocks run with their parts' outputs replaced by predictions, and the nodes only
            those parts needed are removed (dead-code elimination)
 
@@ -17,8 +19,10 @@ Node names: a copied node keeps its name in the original graph; every node this 
 ``cp_...`` (:data:`~cachepass.reconstruction.ADDED_PREFIX`, as are the reconstruction's placeholders and
 predictions): ``cp_head_NAME`` (the placeholder of the exported head value ``NAME``),
 ``cp_front_residual`` (the head's ``front_residual`` indicator), ``cp_residual_END`` (a ``stack`` cache
-write, ``END - start``) and ``cp_reuse_END`` (the reuse variant's ``start + prediction`` standing for
-``END``), so a graph dump never shows an added node under an original node's name.
+write, ``END - start``), ``cp_reuse_END`` (the reuse variant's ``start + prediction`` standing for
+``END``) and ``cp_join_END`` (a joined start: the stream's join applied to the partners at the span
+start, in the compute and reuse variants, or in the head for the ``front_residual`` base standing for
+``END`` = the indicator), so a graph dump never shows an added node under an original node's name.
 
 Invariant: both variants return the original outputs in the original order; the compute variant's
 extra outputs are exactly one cache write per cached pair (or block part output), in that order, then
@@ -42,7 +46,7 @@ from ..errors import UnsupportedStructure
 from ..policies.base import Requirements
 from ..reconstruction import ADDED_PREFIX, check_cache_layout
 from .invariants import check_partition, check_variants
-from .partition import Partition
+from .partition import JoinedStart, Partition, ValueStart
 
 
 @dataclass
@@ -81,6 +85,27 @@ def _get(env: dict, value: fx.Node, reader: str, variant: str) -> fx.Node:
         raise UnsupportedStructure(
             f"{variant} variant: {reader} reads {value.name!r}, which that variant neither computes nor "
             "receives (a partition invariant is broken)") from None
+
+
+def _start_value(graph: fx.Graph, env: dict, start, end: fx.Node, reader: str, variant: str) -> fx.Node:
+    """The value of a residual pair's ``start`` (or the indicator base) standing for ``end``'s partner:
+    ``env[start]``, or for a :class:`JoinedStart` a new node ``cp_join_END``: its join applied to its
+    parts instead of the join's own inputs."""
+    if not isinstance(start, JoinedStart):
+        return _get(env, start, reader, variant)
+    join = start.join
+    parts = [_get(env, p, reader, variant) for p in start.parts]
+
+    def replace(n):  # another node argument (dim as a SymInt)
+        return _get(env, n, reader, variant)
+
+    if join.args:
+        args, kwargs = (parts, *fx.map_arg(join.args[1:], replace)), fx.map_arg(join.kwargs, replace)
+    else:
+        args, kwargs = (), {**fx.map_arg(join.kwargs, replace), "tensors": parts}
+    node = graph.call_function(join.target, tuple(args), dict(kwargs), name=f"{ADDED_PREFIX}join_{end.name}")
+    node.meta["example_value"] = join.meta.get("example_value")
+    return node
 
 
 def _copy(graph: fx.Graph, env: dict, nodes, variant: str) -> None:
@@ -172,7 +197,8 @@ def build_variants(
     if partition.indicator is not None:
         indicator = [_get(env, partition.indicator, "the indicator", "head")]
         if partition.indicator_base is not None:
-            base = _get(env, partition.indicator_base, "the indicator base", "head")
+            base = _start_value(graph, env, partition.indicator_base, partition.indicator, "the indicator base",
+                                "head")
             name = f"{ADDED_PREFIX}front_residual"
             indicator = [graph.call_function(torch.sub, (indicator[0], base), name=name)]
             indicator[0].meta["example_value"] = partition.indicator.meta.get("example_value")
@@ -186,7 +212,11 @@ def build_variants(
     if requirements.reuses:
         writes = [_get(env, n, "a cache write", "compute") for n in partition.part_outputs]
         for start, end in partition.pairs:
-            residual = (_get(env, end, "a cache write", "compute"), _get(env, start, "a cache write", "compute"))
+            if isinstance(start, ValueStart):  # the value itself
+                writes.append(_get(env, end, "a cache write", "compute"))
+                continue
+            residual = (_get(env, end, "a cache write", "compute"),
+                        _start_value(graph, env, start, end, "a cache write", "compute"))
             r = graph.call_function(torch.sub, residual, name=f"{ADDED_PREFIX}residual_{end.name}")
             r.meta["example_value"] = end.meta.get("example_value")
             writes.append(r)
@@ -203,12 +233,16 @@ def build_variants(
         env.update(zip(partition.part_outputs, predictions))
         _copy_reachable(graph, env, [n for n in nodes if n in partition.rest and n not in partition.predicted])
     else:
-        predictions = _predict(requirements, graph, [start for start, _ in partition.pairs], add_placeholder)
+        predicted = [end if isinstance(start, (JoinedStart, ValueStart)) else start for start, end in partition.pairs]
+        predictions = _predict(requirements, graph, predicted, add_placeholder)
         for (start, end), prediction in zip(partition.pairs, predictions):
-            start_value = _get(env, start, "a prediction", "reuse")
+            if isinstance(start, ValueStart):  # the value is the prediction
+                env[end] = prediction
+                continue
+            start_value = _start_value(graph, env, start, end, "a prediction", "reuse")
             name = f"{ADDED_PREFIX}reuse_{end.name}"
             env[end] = graph.call_function(operator.add, (start_value, prediction), name=name)
-            env[end].meta["example_value"] = start.meta.get("example_value")
+            env[end].meta["example_value"] = start_value.meta.get("example_value")
         _copy(graph, env, [n for n in nodes if n in partition.after], "reuse")
     cache_placeholders = [n for n in graph.nodes if n.op == "placeholder"][first_cache_slot:]
     if requirements.reuses:
