@@ -20,9 +20,10 @@ from .runtime.distributed import validate_sync_options
 
 DEFAULT_POLICY = "teacache"
 INNER_CHOICES = ("inductor", "eager")
+DECISIONS_CHOICES = ("host", "device")
 
 #: Options every policy accepts; everything else belongs to the chosen policy's config.
-COMMON_OPTIONS = ("policy", "inner", "num_steps", "sync", "process_group", "debug_dir")
+COMMON_OPTIONS = ("policy", "inner", "num_steps", "sync", "process_group", "debug_dir", "decisions")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,9 @@ class Settings:
     sync: bool | str = "auto"
     process_group: Any = None  # the group the tokens are sharded over; None: the default group
     debug_dir: str | None = None  # per compiled graph, a folder of graph dumps here (cachepass.graph_dump)
+    #: "host": the policy decides in Python between the compiled pieces; "device": one compiled step graph
+    #: decides with torch.cond, its state on the device (runtime/device_program.py)
+    decisions: str = "host"
 
     @property
     def policy_name(self) -> str:
@@ -112,6 +116,10 @@ def parse_options(options: Mapping[str, Any] | None) -> Settings:
     process_group = options.pop("process_group", None)
     sync = validate_sync_options(sync, process_group)
     debug_dir = _validate_debug_dir(options.pop("debug_dir", None))
+    decisions = options.pop("decisions", "host")
+    if not isinstance(decisions, str) or decisions not in DECISIONS_CHOICES:
+        raise OptionError(f"option 'decisions' must be one of {', '.join(map(repr, DECISIONS_CHOICES))}; "
+                          f"got {show(decisions)}")
 
     fields = {f.name for f in dataclasses.fields(policy_cls.config_class)}
     unknown = sorted(set(options) - fields)
@@ -124,4 +132,4 @@ def parse_options(options: Mapping[str, Any] | None) -> Settings:
     config = policy_cls.config_class(**options)
     config.validate()
     return Settings(policy=policy_cls(config), inner=inner, num_steps=num_steps, sync=sync,
-                    process_group=process_group, debug_dir=debug_dir)
+                    process_group=process_group, debug_dir=debug_dir, decisions=decisions)

@@ -116,6 +116,13 @@ class CachedProgram:
             return False
         return signal is None or signal.step_index is None or self.policy.reads_timestep
 
+    def _timestep(self, args, signal):
+        """The call's timestep (:func:`timestep_key`), or ``None`` when it is not read."""
+        return timestep_key(args[self.timestep_index]) if self._reads_timestep(signal) else None
+
+    def _decided(self, branch, placement, ctx, compute: bool) -> None:
+        """Told the decision of every call before its variant runs (a split stack's fragments follow it)."""
+
     def _new_branch(self):
         return self.policy.new_state(), self.reconstruction.new_cache()
 
@@ -133,7 +140,7 @@ class CachedProgram:
         indicator = head_out[0] if self.has_indicator else None
         exported = head_out[1:] if self.has_indicator else head_out
 
-        t = timestep_key(args[self.timestep_index]) if self._reads_timestep(signal) else None
+        t = self._timestep(args, signal)
         placement = runtime.place(signal, t, self.num_steps)
         # a policy that never reuses (calibration's recorder) keeps its branch through uncertain calls
         certain = placement.certain or not self.reuses
@@ -144,6 +151,7 @@ class CachedProgram:
         compute = self.policy.decide(branch.policy_state, ctx, indicator)
         branch.cache.note_time(placement.step, ctx.timestep)  # real-time predictions (reconstruction/foca.py)
         compute = compute or not certain or not branch.cache.ready()
+        self._decided(branch, placement, ctx, compute)
         if not certain and placement.doubt not in runtime.doubts:
             runtime.doubts.add(placement.doubt)
             log.debug("cachepass: %s: such calls compute and start their branch afresh", placement.doubt)

@@ -131,6 +131,9 @@ class ModelRuntime:
         self.watching_request_end = False
         self.doubts: set[str] = set()  # causes of uncertain placements already logged (once each)
         self._programs: set[int] = set()  # ids of the live programs this instance's caches came from
+        #: what must run before the branches' step records are read: the decisions a device program kept on
+        #: the device (``runtime/device_program.py``), read back at most once per request
+        self.deferred: list = []
 
     # --- placement and branches ----------------------------------------------------------------
 
@@ -140,7 +143,14 @@ class ModelRuntime:
             self._archive()
         return placement
 
+    def settle(self) -> None:
+        """Run what :attr:`deferred` holds, so the step records and counters are complete."""
+        deferred, self.deferred = self.deferred, []
+        for resolve in deferred:
+            resolve()
+
     def _archive(self) -> None:
+        self.settle()
         if self.branches:
             self.history.append(self.branch_stats())
         self.branches = {}
@@ -199,6 +209,8 @@ class ModelRuntime:
         ]
 
     def stats(self) -> Stats:
+        with self.lock:
+            self.settle()
         if self.settings_key is None:
             reason = self.uncached_reason or (self.fallback_reasons[-1] if self.fallback_reasons else None)
             return Stats(None, False, reason, 0, [], [], 0, 0, self.uncached_calls, self.uncached_reason)
