@@ -1,14 +1,17 @@
-"""Side by side, in one process, on the same WanPipeline, prompts and seeds: full compute (eager and
-torch.compile), cachepass with each policy over a sweep, and diffusers' and cache-dit's cache hooks.
+"""Side by side, in one process, on the same pipeline, prompts and seeds: full compute (eager and
+torch.compile), cachepass with each policy over a sweep, and diffusers' and cache-dit's cache hooks;
+on each workload in turn (default: both embedded trained models, Wan in WanPipeline and FLUX in
+FluxPipeline with true CFG).
 
-    python benchmarks/compare.py --workload digits --methods all --repeats 1 --markdown out.md --plot out.png
+    python benchmarks/compare.py --workload digits flux-digits --methods all --repeats 3 --markdown out.md
     python benchmarks/compare.py --workload large --device cuda --methods full cachepass:interval:interval=2|3|5
 
 Each row gets a fresh copy of the transformer and a fresh pipeline, with Dynamo reset, then runs
-one warm-up generation (compiles), one profiled generation (fidelity, block work, memory, the tool's
-own stats) and ``--repeats`` timed ones (median). Fidelity and speedup are against full compute with
-the same compiler: eager rows against ``eager``, compiled rows against ``compile``; the two full rows
-against ``eager``. See docs/benchmarks.md for what each column means and how it is measured.
+one warm-up generation (compiles; its output's fidelity is the first-generation PSNR), one profiled
+generation (fidelity, block work, memory, the tool's own stats) and ``--repeats`` timed ones (median).
+Fidelity and speedup are against full compute with the same compiler: eager rows against ``eager``,
+compiled rows against ``compile``; the two full rows against ``eager``. See docs/benchmarks.md for
+what each column means and how it is measured.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import measure, methods, report  # noqa: E402
-from benchmarks.workloads import get_workload  # noqa: E402
+from benchmarks.workloads import WORKLOADS, get_workload  # noqa: E402
 from cachepass.metrics import psnr, relative_l1  # noqa: E402
 
 
@@ -57,10 +60,10 @@ def run_row(spec, workload, base, args, refs: dict, baseline: dict) -> dict:
     model = copy.deepcopy(base)
     pipe = workload.make_pipe(model)
     measure.reset_dynamo()
-    applied = methods.make(spec, pipe, model, args.backend, args.steps)
+    applied = methods.make(spec, pipe, model, args.backend, args.steps, workload.options_for(spec.tool, spec.algo))
     try:
         applied.apply(lambda: workload.generate(pipe, args.steps))
-        row["warmup_seconds"], _ = measure.timed(lambda: workload.generate(pipe, args.steps), args.device)
+        row["warmup_seconds"], first = measure.timed(lambda: workload.generate(pipe, args.steps), args.device)
         applied.between_generations()
         prof = measure.profiled(lambda: workload.generate(pipe, args.steps), args.device)
         row["computed"], row["computed_source"] = applied.computed_steps()
@@ -88,12 +91,14 @@ def run_row(spec, workload, base, args, refs: dict, baseline: dict) -> dict:
             torch.cuda.empty_cache()
 
 
-    score(row, spec, workload, prof, seconds, outs, refs, baseline)
+    score(row, spec, workload, prof, seconds, outs, refs, baseline, first)
     return row
 
 
-def score(row: dict, spec, workload, prof, seconds, outs, refs: dict, baseline: dict) -> None:
-    """Fidelity, speedup, block work and memory against full compute with the same compiler."""
+def score(row: dict, spec, workload, prof, seconds, outs, refs: dict, baseline: dict, first=None) -> None:
+    """Fidelity, speedup, block work and memory against full compute with the same compiler. ``first``:
+    the row's first generation (the warm-up), scored too: a tool's state must not change the output of
+    later generations, and the first must be as good."""
     out = prof.output.float().cpu()
     same = "compile" if spec.compiled else "eager"
     if spec.tool == "full":
@@ -110,6 +115,10 @@ def score(row: dict, spec, workload, prof, seconds, outs, refs: dict, baseline: 
     ref = refs[against]
     row["psnr"] = psnr(out, ref, data_range=workload.psnr_range(ref))
     row["rel_l1"] = relative_l1(out, ref)
+    if first is not None:
+        first = first.float().cpu()
+        row["psnr_first"] = psnr(first, ref, data_range=workload.psnr_range(ref))
+        row["rel_l1_first"] = relative_l1(first, ref)
     row["peak_mib"] = prof.peak_bytes / 2**20
     row["extra_mib"] = (prof.peak_bytes - baseline[same]["peak"]) / 2**20
     row["repeat_rel_l1"] = max((relative_l1(o.float().cpu(), out) for o in outs), default=None)
@@ -119,7 +128,8 @@ def score(row: dict, spec, workload, prof, seconds, outs, refs: dict, baseline: 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workload", choices=["digits", "large", "tiny"], default="digits")
+    p.add_argument("--workload", nargs="+", choices=list(WORKLOADS), default=["digits", "flux-digits"],
+                   help="one or more, run in turn (default: both embedded trained models)")
     p.add_argument("--methods", nargs="+", default=["all"],
                    help="methods or groups (full, cachepass, diffusers, cache-dit, all); see benchmarks/methods.py")
     p.add_argument("--repeats", type=int, default=3, help="timed generations per row (median); 0: no timing")
@@ -137,7 +147,8 @@ def parse_args(argv=None):
 
 
 def run(args, on_row=None) -> tuple[list[dict], dict]:
-    """All rows in order; ``on_row(rows, meta)`` after each, so a run cut short still leaves its results."""
+    """All rows of the workload ``args.workload`` (one name) in order; ``on_row(rows, meta)`` after each, so
+    a run cut short still leaves its results."""
     if args.threads:
         torch.set_num_threads(args.threads)
     workload = get_workload(args.workload)
@@ -173,24 +184,39 @@ def main(argv=None) -> int:
     return main_with(parse_args(argv))
 
 
-def write_outputs(args, rows: list[dict], meta: dict, final: bool = False) -> None:
-    text = report.markdown(rows, meta)
+def workload_names(args) -> list[str]:
+    names = [args.workload] if isinstance(args.workload, str) else list(args.workload)
+    return list(dict.fromkeys(names))
+
+
+def write_outputs(args, runs: list[tuple[list[dict], dict]], final: bool = False) -> None:
+    """``runs``: (rows, meta) per workload. One workload: JSON ``{"meta", "rows"}``; several:
+    ``{"runs": [{"meta", "rows"}, ...]}``. The markdown has a table per workload, the plot a panel."""
+    text = "\n".join(report.markdown(rows, meta) for rows, meta in runs)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(text)
     if args.json:
+        records = [{"meta": meta, "rows": rows} for rows, meta in runs]
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1, default=str)
+            json.dump(records[0] if len(records) == 1 else {"runs": records}, f, indent=1, default=str)
     if final:
         print(text)
         if args.plot:
-            report.plot(rows, args.plot, f"{meta['workload']}: {meta['description']}")
+            report.plot_runs([(rows, f"{meta['workload']}: {meta['description']}") for rows, meta in runs],
+                             args.plot)
 
 
 def main_with(args) -> int:
-    rows, meta = run(args, on_row=lambda rows, meta: write_outputs(args, rows, meta))
-    write_outputs(args, rows, meta, final=True)
+    names, steps, done = workload_names(args), args.steps, []
+    for name in names:
+        args.workload, args.steps = name, steps  # steps None: each workload's own count (run sets it)
+        rows, meta = run(args, on_row=lambda rows, meta: write_outputs(args, [*done, (rows, meta)]))
+        done.append((rows, meta))
+    args.workload, args.steps = names, steps
+    write_outputs(args, done, final=True)
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

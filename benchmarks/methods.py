@@ -167,6 +167,7 @@ class Applied:
     steps: int
     notes: list = field(default_factory=list)
     installed: bool = False  # the tool's hooks are on the model (so ``remove`` must take them off)
+    defaults: dict = field(default_factory=dict)  # the workload's options for this method, under the row's
 
     def apply(self, generate) -> None:
         """Install the method on ``self.pipe``; ``generate()`` runs one generation (for calibration)."""
@@ -187,6 +188,10 @@ class Applied:
     def _compile(self) -> None:
         self.pipe.transformer = torch.compile(self.model, backend=self.backend)
 
+    def note_defaults(self) -> None:
+        if self.defaults:
+            self.notes.append("workload options " + ", ".join(f"{k}={v}" for k, v in self.defaults.items()))
+
 
 class Full(Applied):
     def apply(self, generate) -> None:
@@ -200,7 +205,8 @@ class CachePass(Applied):
 
         if "cachepass" not in list_backends(exclude_tags=()):  # a source checkout, not installed
             register_backend(cachepass.cachepass_backend, name="cachepass")
-        options = {"policy": self.spec.algo, "inner": self.backend, **self.spec.options}
+        options = {"policy": self.spec.algo, "inner": self.backend, **self.defaults, **self.spec.options}
+        self.note_defaults()
         targets = {k: options.pop(k) for k in CALIBRATION_TARGETS if k in options}
         if targets:  # calibrate on this workload first: one full generation, replayed (no check run)
             knobs = {k: options[k] for k in ("max_skip_steps", "retention_ratio") if k in options}
@@ -276,8 +282,9 @@ class CacheDit(Applied):
             import cache_dit
         except ImportError as e:
             raise Skip(f"cache-dit not installed ({e}); pip install -e '.[bench]'") from e
-        options = {CACHE_DIT_ALIASES.get(k, k): v for k, v in self.spec.options.items()}
+        options = {CACHE_DIT_ALIASES.get(k, k): v for k, v in {**self.defaults, **self.spec.options}.items()}
         options = {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, **options}  # F1B0 unless told
+        self.note_defaults()
         calibrator = None
         if self.spec.algo == "dbcache-taylorseer":
             calibrator = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=1)
@@ -319,8 +326,9 @@ class CacheDit(Applied):
 APPLIERS = {"full": Full, "cachepass": CachePass, "diffusers": Diffusers, "cache-dit": CacheDit}
 
 
-def make(spec: Spec, pipe, model, backend: str, steps: int) -> Applied:
-    return APPLIERS[spec.tool](spec, pipe, model, backend, steps)
+def make(spec: Spec, pipe, model, backend: str, steps: int, defaults: dict | None = None) -> Applied:
+    """``defaults``: the workload's options for this method (cachepass and cache-dit rows), under the row's own."""
+    return APPLIERS[spec.tool](spec, pipe, model, backend, steps, defaults=dict(defaults or {}))
 
 
 def reset_dynamo_counters() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 COLUMNS = ["method", "compiler", "s/gen", "speedup", "computed steps", "block work", "PSNR dB", "rel L1",
-           "extra MiB", "graph breaks", "graphs", "recompiles"]
+           "1st-gen PSNR", "extra MiB", "graph breaks", "graphs", "recompiles"]
 
 
 def _num(value, fmt: str) -> str:
@@ -32,7 +32,8 @@ def table_cells(row: dict) -> list[str]:
     return [
         row["method"], row["compiler"], _num(row["seconds"], ".3f"), "-" if speedup is None else f"{speedup:.2f}x",
         computed_cell(row), "-" if work is None else f"{100 * work:.0f}%",
-        _num(row["psnr"], ".1f"), _num(row["rel_l1"], ".4f"), _num(row["extra_mib"], ".2f"),
+        _num(row["psnr"], ".1f"), _num(row["rel_l1"], ".4f"), _num(row.get("psnr_first"), ".1f"),
+        _num(row["extra_mib"], ".2f"),
         _num(row["graph_breaks"], "d"), _num(row["graphs"], "d"), _num(row["recompiles"], "d"),
     ]
 
@@ -40,7 +41,8 @@ def table_cells(row: dict) -> list[str]:
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"Workload `{meta['workload']}`: {meta['description']}; {meta['steps']} steps x 2 CFG calls, "
              f"{meta['device']} {meta['dtype']}, median of {meta['repeats']} after a warm-up; "
-             f"torch {meta['torch']}, diffusers {meta['diffusers']}, cache-dit {meta['cache_dit']}.", ""]
+             f"torch {meta['torch']}, diffusers {meta['diffusers']}, cache-dit {meta['cache_dit']}. "
+             "PSNR dB and rel L1: the generation after the warm-up; 1st-gen PSNR: the warm-up (first) one.", ""]
     lines.append("| " + " | ".join(COLUMNS) + " |")
     lines.append("|" + "---|" * len(COLUMNS))
     lines += ["| " + " | ".join(table_cells(r)) + " |" for r in rows]
@@ -68,18 +70,36 @@ STYLES = {"cachepass": ("o", "-"), "diffusers": ("s", "--"), "cache-dit": ("^", 
 def plot(rows: list[dict], path: str, title: str, psnr_cap: float = 60.0) -> None:
     """Speedup against PSNR, each method family's frontier as a line over its sweep's points. PSNR above
     ``psnr_cap`` (outputs equal to compute precision) is drawn at the cap."""
+    plot_runs([(rows, title)], path, psnr_cap)
+
+
+def plot_runs(panels: list[tuple[list[dict], str]], path: str, psnr_cap: float = 60.0) -> None:
+    """:func:`plot` with one panel per workload, stacked: ``panels`` is (rows, title) per workload."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8.5, 4.6 * len(panels)), dpi=80, squeeze=False)
+    for ax, (rows, title) in zip(axes[:, 0], panels):
+        _draw(ax, rows, title, psnr_cap, plt.get_cmap("tab10").colors)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    try:  # a 64-colour palette keeps the PNG small enough to commit
+        from PIL import Image
+
+        Image.open(path).convert("RGB").quantize(colors=64).save(path, optimize=True)
+    except ImportError:
+        pass
+
+
+def _draw(ax, rows: list[dict], title: str, psnr_cap: float, colors) -> None:
     ok = [r for r in rows if r.get("status", "ok") == "ok" and r["speedup"] is not None and r["psnr"] is not None
           and r["tool"] != "full"]
     families: dict[str, list[tuple[float, float]]] = {}
     for r in ok:
         families.setdefault(r["family"], []).append((min(r["psnr"], psnr_cap), r["speedup"]))
-    fig, ax = plt.subplots(figsize=(8.5, 4.6), dpi=80)
-    colors = plt.get_cmap("tab10").colors
     count: dict[str, int] = {}
     for name, pts in sorted(families.items()):
         tool = name.split()[0]
@@ -94,13 +114,5 @@ def plot(rows: list[dict], path: str, title: str, psnr_cap: float = 60.0) -> Non
     ax.set_ylabel("speedup vs full compute, same compiler")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    try:  # a 64-colour palette keeps the PNG small enough to commit
-        from PIL import Image
-
-        Image.open(path).convert("RGB").quantize(colors=64).save(path, optimize=True)
-    except ImportError:
-        pass
+    if families:
+        ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)

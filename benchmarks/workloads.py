@@ -1,7 +1,9 @@
-"""The workloads: a diffusers ``WanPipeline`` around a Wan denoiser, with fixed prompts and seeds.
+"""The workloads: a diffusers pipeline around a denoiser, with fixed prompts and seeds.
 
-* ``digits``: the embedded trained model (``cachepass.demo``), 4 prompts, 50 steps with CFG. Trained
-  weights make the step-to-step feature changes realistic, so this is the fidelity workload.
+* ``digits``: the embedded trained Wan model (``cachepass.demo``) in ``WanPipeline``, 4 prompts, 50 steps
+  with CFG. Trained weights make the step-to-step feature changes realistic: a fidelity workload.
+* ``flux-digits``: the embedded trained FLUX model (``cachepass.demo.flux_model``) in ``FluxPipeline``
+  with true CFG (two calls per step), 4 prompts, 28 steps: the same, on FLUX's two block stacks.
 * ``large``: random weights, 12 blocks of width 768 and 2880 video tokens, bf16 on CUDA. Block compute
   dominates the call, so this is the speed workload (run it on a GPU).
 * ``tiny``: random weights, 3 blocks, 32 tokens, 8 steps; for the smoke test.
@@ -30,6 +32,12 @@ class Workload:
     data_range: float | None = None
     default_dtype: dict = field(default_factory=lambda: {"cpu": torch.float32, "cuda": torch.bfloat16})
     weights: str = "random (torch.manual_seed(0))"
+    #: Options this workload needs per method (under a row's own), keyed ``"tool:algo"`` or ``"tool"``:
+    #: e.g. AdaCache without its motion term on an image model, which has no frames.
+    method_options: dict = field(default_factory=dict)
+
+    def options_for(self, tool: str, algo: str) -> dict:
+        return {**self.method_options.get(tool, {}), **self.method_options.get(f"{tool}:{algo}", {})}
 
     def psnr_range(self, reference: torch.Tensor) -> float:
         if self.data_range is not None:
@@ -129,15 +137,19 @@ def random_workload(name: str, shape: WanShape, steps: int, what: str) -> Worklo
 DIGITS = (0, 3, 5, 8)
 
 
-def digits_weights() -> str:
+def weights_record(path, info: dict) -> str:
     """Which weight file ran: results depend on it, and the file is retrained from time to time."""
     import hashlib
 
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    return f"{path.name} sha256 {digest}, {info.get('steps', '?')} training steps"
+
+
+def digits_weights() -> str:
     from cachepass.demo import training_info
     from cachepass.demo.model import WEIGHTS_PATH
 
-    digest = hashlib.sha256(WEIGHTS_PATH.read_bytes()).hexdigest()[:12]
-    return f"{WEIGHTS_PATH.name} sha256 {digest}, {training_info().get('steps', '?')} training steps"
+    return weights_record(WEIGHTS_PATH, training_info())
 
 
 def digits_workload() -> Workload:
@@ -156,11 +168,40 @@ def digits_workload() -> Workload:
     )
 
 
+def flux_digits_workload() -> Workload:
+    from cachepass.demo import flux_training_info, generate_flux, load_digits_flux_model, make_flux_pipeline
+    from cachepass.demo.flux_model import FLUX_WEIGHTS_PATH
+
+    return Workload(
+        name="flux-digits",
+        description=(f"embedded trained FLUX (digit images), FluxPipeline with true CFG 4, prompts {list(DIGITS)} "
+                     "in one batch, seed 0"),
+        steps=28,
+        make_model=lambda device, dtype: load_digits_flux_model(device=device, dtype=dtype),
+        make_pipe=make_flux_pipeline,
+        generate=lambda pipe, steps: generate_flux(pipe, list(DIGITS), num_inference_steps=steps, seed=0),
+        data_range=2.0,
+        default_dtype={"cpu": torch.float32, "cuda": torch.float32},
+        weights=weights_record(FLUX_WEIGHTS_PATH, flux_training_info()),
+        method_options={
+            "cachepass:adacache": {"motion": False},  # an image: no frames for the motion term
+            # cache-dit's Flux adapter assumes FLUX.1-dev (no CFG); with true CFG the two calls of a step
+            # are separate forwards, which its config is told as its examples do for base (CFG) models.
+            "cache-dit": {"enable_separate_cfg": True},
+        },
+    )
+
+
+WORKLOADS = ("digits", "flux-digits", "large", "tiny")
+
+
 def get_workload(name: str) -> Workload:
     if name == "digits":
         return digits_workload()
+    if name == "flux-digits":
+        return flux_digits_workload()
     if name == "large":
         return random_workload("large", LARGE, 50, "the speed workload")
     if name == "tiny":
         return random_workload("tiny", TINY, 8, "the smoke-test workload")
-    raise ValueError(f"unknown workload {name!r}; choose digits, large or tiny")
+    raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")

@@ -10,13 +10,16 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cachepass", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="the embedded digits model, full and with every policy")
-    demo.add_argument("--steps", type=int, default=50)
+    demo = sub.add_parser("demo", help="the embedded digits models (Wan, FLUX), full and with every policy")
+    demo.add_argument("--model", choices=["wan", "flux", "both"], default="both")
+    demo.add_argument("--steps", type=int, default=None, help="denoising steps (default: Wan 50, FLUX 28)")
     demo.add_argument("--digits", type=int, nargs="+", default=[0, 3, 5, 8])
     demo.add_argument("--policies", nargs="+", default=None, help="default: every policy")
     demo.add_argument("--inner", default="eager", help="compiler of the graph variants (eager, inductor)")
-    demo.add_argument("--repeats", type=int, default=1, help="timed runs per row (median)")
-    demo.add_argument("--out", default="cachepass-out", help="folder for the animation and chart")
+    demo.add_argument("--repeats", type=int, default=3, help="timed generations per row, after a warm-up (median)")
+    demo.add_argument("--out", default="cachepass-out", help="folder for the animation, image grid and charts")
+    demo.add_argument("--threads", type=int, default=None,
+                      help="torch CPU threads (default: torch's); 1 keeps timings steady on a busy machine")
     cal = sub.add_parser("calibrate", help="calibrate teacache or magcache on the embedded digits model")
     cal.add_argument("--policy", choices=["teacache", "magcache"], default="teacache")
     target = cal.add_mutually_exclusive_group()
@@ -36,7 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from .demo.run import run_demo
 
-        run_demo(steps=args.steps, digits=tuple(args.digits), policies=args.policies, inner=args.inner,
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        models = ("wan", "flux") if args.model == "both" else (args.model,)
+        run_demo(models=models, steps=args.steps, digits=tuple(args.digits), policies=args.policies, inner=args.inner,
                  repeats=args.repeats, out_dir=args.out)
     elif args.command == "calibrate":
         from .calibration.example import calibrate_digits

@@ -22,11 +22,11 @@ def test_wan_pipeline_two_generations_with_cfg():
 
     stats = cachepass.stats(pipe.transformer)
     assert stats.generations == 2
-    assert len(stats.branches) == 2  # cond and uncond are separate calls, hence separate streams
+    assert len(stats.branches) == 2  # cond and uncond are separate calls, hence separate branches
     for branch in stats.branches + stats.history[0]:
-        assert branch.computed_steps == [0, 3, 6]
-        assert branch.reused_steps == [1, 2, 4, 5, 7]
-    assert cached_attention == 3 * 2 * 3 * 2  # only the computed steps ran the blocks
+        assert branch.computed_steps == [0, 3, 6, 7]  # the pipeline's step count: the last step computes
+        assert branch.reused_steps == [1, 2, 4, 5]
+    assert cached_attention == 4 * 2 * 3 * 2  # only the computed steps ran the blocks
 
     second = run_wan_pipeline(pipe, steps=STEPS)
     assert torch.equal(first, second)

@@ -138,15 +138,16 @@ def schedule(p, num_steps, known=True):
 
 
 def test_taylorseer_reference_schedule_13_of_50():
-    p = policy(policy="taylorseer")
+    p = policy(policy="taylorseer", final_steps=0)  # the reference forces no last step
     assert schedule(p, 50) == list(range(0, 50, 4))
     assert len(schedule(p, 50)) == 13
+    assert schedule(policy(policy="taylorseer"), 50) == list(range(0, 50, 4)) + [49]  # the default: the last too
     assert p.requirements().reconstruction == TaylorReuse(order=1)
 
 
 def test_taylorseer_warmup_interval_and_final_steps():
     # after warmup steps 0, 1, 2 the counter restarts from the last warmup step: 6, 10, ...
-    assert schedule(policy(policy="taylorseer", warmup=3, interval=4), 16) == [0, 1, 2, 6, 10, 14]
+    assert schedule(policy(policy="taylorseer", warmup=3, interval=4, final_steps=0), 16) == [0, 1, 2, 6, 10, 14]
     # final_steps needs the step count
     p = policy(policy="taylorseer", interval=5, final_steps=1, order=3)
     assert schedule(p, 12) == [0, 5, 10, 11]

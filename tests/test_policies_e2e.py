@@ -184,13 +184,20 @@ def test_policy_on_a_model_outside_diffusers(case):
     assert stats.caching and stats.branches[0].steps == 10
 
 
-def test_adacache_motion_needs_frames():
-    """On an image-like model the frame grid is missing: caching falls back and says what to pass."""
-    compiled = torch.compile(PlainDiT().eval(), backend="cachepass", options={"policy": "adacache", "inner": "eager"})
-    with torch.no_grad():
-        compiled(torch.randn(1, 16, 4), torch.tensor([999.0]))
+def test_adacache_without_frames_runs_without_the_motion_term(caplog):
+    """On an image-like model the frame grid is missing: adacache caches without its motion term and one
+    warning on the ``cachepass`` logger says so and what to pass."""
+    compiled = torch.compile(PlainDiT().eval(), backend="cachepass",
+                             options={"policy": "adacache", "inner": "eager", "num_steps": 10})
+    g = torch.Generator().manual_seed(0)
+    x, drift = torch.randn(1, 16, 4, generator=g), torch.randn(1, 16, 4, generator=g)
+    with caplog.at_level("WARNING", logger="cachepass"), torch.no_grad():
+        for i, t in enumerate(torch.linspace(999, 0, 10)):  # a latent that moves slowly, as in sampling
+            compiled(x + 0.02 * i * drift, torch.tensor([float(t)]))
     stats = cachepass.stats(compiled)
-    assert not stats.caching and "tokens_per_frame" in stats.fallback_reason
+    assert stats.caching and stats.reused_calls > 0
+    warnings = [r.getMessage() for r in caplog.records if "motion term is off" in r.getMessage()]
+    assert len(warnings) == 1 and "motion=False" in warnings[0]
 
 
 def test_taylorseer_block_beats_stack_on_this_model(model, inputs, reference):

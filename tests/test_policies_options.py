@@ -82,7 +82,7 @@ def test_defaults():
     c = settings.policy.config
     assert (c.threshold, c.indicator, c.ret_steps) == (0.2, "timestep_embedding", False)
     c = parse_options({"policy": "taylorseer"}).policy.config
-    assert (c.interval, c.order, c.warmup, c.final_steps, c.granularity) == (4, 1, 1, 0, "stack")
+    assert (c.interval, c.order, c.warmup, c.final_steps, c.granularity) == (4, 1, 1, 1, "stack")
     c = parse_options({"policy": "adacache"}).policy.config
     assert (c.feature, c.codebook, c.motion, c.tokens_per_frame) == ("attention_output:middle", "auto", True, None)
     c = parse_options({"policy": "fbcache"}).policy.config

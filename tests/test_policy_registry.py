@@ -326,8 +326,11 @@ def test_observed_tensors_are_handed_over_by_name():
     assert p.requirements().observe == ("attention_output:middle", "frame_grid")
     a, b = torch.ones(1), torch.zeros(1, 1, 2, 1, 1)
     assert p.observed_by_name([a, b]) == {"attention_output:middle": a, "frame_grid": b}
-    with pytest.raises(RuntimeError, match="returned 1 observed tensors for the 2 named"):
-        p.observed_by_name([a])
+    # frame_grid is optional (an image model has none): left out, the motion term is off
+    assert p.requirements().optional == ("frame_grid",)
+    assert p.observed_by_name([a]) == {"attention_output:middle": a}
+    with pytest.raises(RuntimeError, match="returned 0 observed tensors for the 2 named"):
+        p.observed_by_name([])
     # the motion term reads the grid by its name: 2 tokens per frame here, as tokens_per_frame=2 gives
     frames = torch.tensor([1.0, 1.0, 2.0, 2.0]).view(1, 4, 1).expand(1, 4, 3)
     by_grid, by_option = p.new_state(), parse_options({"policy": "adacache", "tokens_per_frame": 2}).policy

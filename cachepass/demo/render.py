@@ -1,4 +1,5 @@
-"""Pictures of a demo run: a side-by-side animation and a chart of which steps each policy computed.
+"""Pictures of a demo run: side by side (an animation for videos, a grid for images) and a chart of
+which steps each policy computed.
 
 Pillow only (it comes with diffusers), so the demo needs no plotting library.
 """
@@ -14,8 +15,8 @@ SCALE = 6
 LABEL_HEIGHT = 14
 
 
-def side_by_side_gif(videos: dict[str, np.ndarray], path: Path, ms_per_frame: int = 250) -> Path:
-    """``videos``: label -> uint8 frames (B, F, H, W). One column per label, one row per sample."""
+def _side_by_side(videos: dict[str, np.ndarray]) -> list[Image.Image]:
+    """One canvas per frame: one column per label, one row per sample."""
     labels = list(videos)
     batch, frames, h, w = videos[labels[0]].shape
     cell_w, cell_h = w * SCALE, h * SCALE
@@ -31,7 +32,20 @@ def side_by_side_gif(videos: dict[str, np.ndarray], path: Path, ms_per_frame: in
                 tile = Image.fromarray(videos[label][b, f]).resize((cell_w, cell_h), Image.NEAREST)
                 canvas.paste(tile, (c * col_w + (col_w - cell_w) // 2, LABEL_HEIGHT + b * cell_h))
         images.append(canvas)
+    return images
+
+
+def side_by_side_gif(videos: dict[str, np.ndarray], path: Path, ms_per_frame: int = 250) -> Path:
+    """``videos``: label -> uint8 frames (B, F, H, W). One column per label, one row per sample."""
+    images = _side_by_side(videos)
     images[0].save(path, save_all=True, append_images=images[1:], duration=ms_per_frame, loop=0)
+    return path
+
+
+def side_by_side_png(images: dict[str, np.ndarray], path: Path) -> Path:
+    """``images``: label -> uint8 images (B, 1, H, W) (or (B, H, W)). One column per label, one row per sample."""
+    images = {k: v[:, None] if v.ndim == 3 else v for k, v in images.items()}
+    _side_by_side(images)[0].save(path)
     return path
 
 

@@ -20,9 +20,11 @@ from .base import (
 from .customcache import CustomCachePolicy
 from .dbcache import DBCachePolicy
 from .fbcache import FBCachePolicy
+from .foca import FoCaPolicy
 from .interval import IntervalPolicy
 from .magcache import MagCachePolicy
 from .none import NonePolicy
+from .speca import SpeCaPolicy
 from .taylorseer import TaylorSeerPolicy
 from .teacache import TeaCachePolicy
 
@@ -40,6 +42,8 @@ POLICIES: dict[str, type[Policy]] = {
         FBCachePolicy,
         DBCachePolicy,
         MagCachePolicy,
+        FoCaPolicy,
+        SpeCaPolicy,
     )
 }
 

@@ -16,7 +16,8 @@ count is known; motion regularisation too, since its window is a fraction of it)
 
 Tokens per frame come from the latent's shape (``frame_grid`` feature); the reference hard-codes the
 model width (1536), which is a defect. ``tokens_per_frame=`` overrides, for models whose latent the
-analysis does not find.
+analysis does not find. A model without such a latent (an image model) runs without the motion term,
+and one warning on the ``cachepass`` logger says so and what to pass.
 
 Under sequence parallelism (:mod:`cachepass.runtime.distributed`) all sums of one step travel in one
 ``all_reduce``. The distance is exact (the whole sequence's). The motion term pairs token ``i`` with
@@ -33,7 +34,7 @@ from typing import Any
 
 import torch
 
-from .._logging import get_logger
+from .._logging import get_logger, warn_once
 from ..analysis.features import BLOCK_FEATURE
 from ..errors import OptionError
 from .base import (
@@ -187,10 +188,11 @@ class AdaCachePolicy(Policy):
         return not self.config.motion  # the motion term leaves out the token pairs across shards
 
     def requirements(self) -> Requirements:
-        observe = (self.config.feature,)
+        observe, optional = (self.config.feature,), ()
         if self.config.motion and self.config.tokens_per_frame is None:
             observe += ("frame_grid",)
-        return Requirements(indicator=None, observe=observe)
+            optional = ("frame_grid",)  # an image model has none: then no motion term (warned once)
+        return Requirements(indicator=None, observe=observe, optional=optional)
 
     def new_state(self) -> AdaCacheState:
         return AdaCacheState()
@@ -232,7 +234,13 @@ class AdaCachePolicy(Policy):
             return None
         if self.config.tokens_per_frame is not None:
             return self.config.tokens_per_frame
-        grid = observed["frame_grid"]
+        grid = observed.get("frame_grid")
+        if grid is None:
+            warn_once(log, ("adacache-no-frames", self.config.feature),
+                      "adacache: the model has no 5-d (batch, channels, frames, height, width) latent (an image "
+                      "model?), so the motion term is off and the distance alone picks the intervals; pass "
+                      "motion=False to say so, or tokens_per_frame=... to give the motion term its frame size")
+            return None
         return int(grid.shape[-2] * grid.shape[-1])
 
     def _motion(self, state: AdaCacheState, score: float | None, gap: int) -> float:

@@ -67,6 +67,9 @@ class Requirements:
     compute_last: int = 0
     observe: tuple[str, ...] = ()
     reuses: bool = True  # False (policy ``none``): no cache writes, no reuse variant compiled
+    #: The last names of ``observe`` that a model may lack (adacache's ``frame_grid`` on an image model):
+    #: one that does not resolve is left out, and ``after_compute`` gets no entry for it.
+    optional: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.indicator is not None:
@@ -75,6 +78,10 @@ class Requirements:
         if len(set(observe)) != len(observe):
             raise ValueError(f"Requirements.observe names a feature twice: {observe}")
         object.__setattr__(self, "observe", observe)
+        optional = tuple(check_feature_name(name) for name in self.optional)
+        if optional and observe[len(observe) - len(optional):] != optional:
+            raise ValueError(f"Requirements.optional {optional} must be the last names of observe {observe}")
+        object.__setattr__(self, "optional", optional)
 
 
 @renamed_keywords({"stream": "branch_index"})
@@ -198,6 +205,9 @@ class Policy(ABC):
         if names is None:
             names = self.__dict__["_observe_names"] = self.requirements().observe
         values = tuple(values)
+        optional = self.requirements().optional if len(values) < len(names) else ()
+        if len(names) - len(optional) <= len(values) < len(names):  # optional features the model lacks
+            names = names[:len(values)]
         if len(values) != len(names):
             raise RuntimeError(f"policy {self.name!r}: the compute variant returned {len(values)} observed "
                                f"tensors for the {len(names)} named in Requirements.observe {names}")

@@ -82,3 +82,12 @@ class FBCachePolicy(Policy):
         c = self.config
         forced = is_forced_step(ctx, c.warmup, c.final_steps)
         return decide_against_reference(state, ctx, indicator, c.threshold, forced)
+
+    def device_rule(self):
+        """``decisions="device"``: the same rule on the device (``cachepass/transform/device_variant.py``):
+        reuse while the relative L1 change against the indicator at the last computed call is below the
+        threshold; ``warmup`` first and ``final_steps`` last steps forced."""
+        from ..transform.device_variant import DeviceRule
+
+        c = self.config
+        return DeviceRule(threshold=c.threshold, reference="computed", first=c.warmup, last=c.final_steps)

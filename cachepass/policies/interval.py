@@ -2,7 +2,7 @@
 
 The simplest schedule that exercises both compiled variants; also a baseline that adaptive policies
 must beat. Steps ``0, N, 2N, ...`` are computed. With ``compute_last=True`` the last step is computed
-too when the number of steps is known: from the ``num_steps`` option or from the pipeline
+too (the default) when the number of steps is known: from the ``num_steps`` option or from the pipeline
 (``cache_context``'s step count, e.g. WanPipeline), from the first generation on.
 """
 
@@ -16,7 +16,7 @@ from .base import MAX_STEPS, Policy, PolicyConfig, Requirements, check_bool, che
 @dataclass(frozen=True)
 class IntervalConfig(PolicyConfig):
     interval: int = 3
-    compute_last: bool = False
+    compute_last: bool = True  # the last step, when the step count is known
 
     def validate(self) -> None:
         check_int("interval", self.interval, minimum=1, maximum=MAX_STEPS)

@@ -36,7 +36,7 @@ class TaylorSeerConfig(PolicyConfig):
     interval: int = 4
     order: int = 1
     warmup: int = 1
-    final_steps: int = 0
+    final_steps: int = 1  # the last step, when the step count is known
     granularity: str = "stack"
 
     def validate(self) -> None:

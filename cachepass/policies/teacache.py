@@ -198,3 +198,15 @@ class TeaCachePolicy(Policy):
             return False
         state.accumulated = 0.0
         return True
+
+    def device_rule(self):
+        """``decisions="device"``: the same rule on the device (``cachepass/transform/device_variant.py``):
+        ``acc += poly(relative L1 against the previous call's indicator)``, reuse while finite and below the
+        threshold; the forced steps of :meth:`forced`."""
+        from ..transform.device_variant import DeviceRule
+
+        c = self.config
+        first, last = (RET_WARMUP, 0) if c.ret_steps else (1, 1)
+        return DeviceRule(threshold=c.threshold, reference="previous", accumulate=True,
+                          coefficients=tuple(float(x) for x in self.poly.coeffs), first=first, last=last,
+                          check_steps=c.profile.check_steps if c.profile is not None else None)

@@ -1,5 +1,6 @@
 """How a skipped call rebuilds what it skipped (see :mod:`cachepass.reconstruction.base`): reuse the
-last residual as it is, or predict it by a Taylor expansion (:mod:`cachepass.reconstruction.taylor`)."""
+last residual as it is, predict it by a Taylor expansion (:mod:`cachepass.reconstruction.taylor`), or by
+FoCa's predictor-corrector in real time (:mod:`cachepass.reconstruction.foca`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from .base import (
            ReuseCache,
            check_cache_layout,
 )
+from .foca import CLOCKS, FoCaReuse, foca_weights
 from .taylor import MAX_ORDER, TaylorReuse
 
-__all__ = ["ADDED_PREFIX", "GRANULARITIES", "MAX_ORDER", "Reconstruction", "ResidualReuse", "ReuseCache", "TaylorReuse",
+__all__ = ["ADDED_PREFIX", "CLOCKS", "GRANULARITIES", "MAX_ORDER", "FoCaReuse", "foca_weights", "Reconstruction", "ResidualReuse", "ReuseCache", "TaylorReuse",
            "check_cache_layout"]

@@ -52,6 +52,11 @@ class ReuseCache(ABC):
     def nbytes(self) -> int:
         """Bytes held by this cache."""
 
+    def note_time(self, step: int, timestep: float | None) -> None:
+        """The call at ``step`` runs at ``timestep`` (``None`` when unknown): told before every ``write`` /
+        ``read`` of that call, for predictions in real time (:mod:`cachepass.reconstruction.foca`). Ignored by
+        default."""
+
 
 GRANULARITIES = ("stack", "block")
 

@@ -1,0 +1,96 @@
+"""The issue-15 policies on both embedded trained models (Wan digits video, FLUX digits image), short
+generations: each skips, stays close to the full output, and the first and second generations of one
+compiled model are bit-identical. Also the FoCa weights themselves."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import cachepass
+from cachepass.metrics import psnr
+from cachepass.reconstruction import foca_weights
+
+DIGITS = [3]
+STEPS = 16
+
+
+def test_foca_weights_are_exact_on_lines_and_damped_on_curves():
+    assert foca_weights([0.0], 1.0).tolist() == [1.0]
+    np.testing.assert_allclose(foca_weights([0.0, -1.0], 1.0), [2.0, -1.0])
+    w = foca_weights([0.0, -1.0, -2.0], 1.0)
+    np.testing.assert_allclose(w, [2.625, -2.25, 0.625])
+    times = np.array([0.0, -0.3, -0.9])  # uneven gaps: still exact for a line in time
+    for target in (0.2, 0.5, -0.1):
+        weights = foca_weights(times, target)
+        assert weights.sum() == pytest.approx(1.0)
+        assert weights @ (3 * times + 1) == pytest.approx(3 * target + 1)
+    np.testing.assert_allclose(foca_weights([0.0, -1.0, -2.0], 1.0, corrector=False), [2.5, -2.0, 0.5])
+
+
+def _wan():
+    from cachepass.demo.model import generate, load_digits_model, make_pipeline
+
+    model = load_digits_model()
+    return model, make_pipeline, lambda pipe: generate(pipe, DIGITS, num_inference_steps=STEPS)
+
+
+def _flux():
+    from cachepass.demo.flux_model import generate_flux, load_digits_flux_model, make_flux_pipeline
+
+    model = load_digits_flux_model()
+    return model, make_flux_pipeline, lambda pipe: generate_flux(pipe, DIGITS, num_inference_steps=STEPS)
+
+
+@pytest.fixture(scope="module", params=["wan", "flux"])
+def trained(request):
+    torch.set_num_threads(1)
+    model, make_pipe, gen = _wan() if request.param == "wan" else _flux()
+    with torch.no_grad():
+        full = gen(make_pipe(model))
+    return request.param, model, make_pipe, gen, full
+
+
+# (policy, options, least PSNR in dB on both models at 16 steps: 16 steps move far between computed ones,
+# so these bounds sit below the 50-step frontier of benchmarks/frontier.py)
+CASES = [
+    ("foca", {"interval": 3}, 28.0),
+    ("foca", {"interval": 3, "points": 3}, 22.0),
+    ("speca", {}, 28.0),
+]
+
+
+@pytest.mark.parametrize("policy,options,least", CASES, ids=[f"{p}-{len(o)}" for p, o, _ in CASES])
+def test_new_policy_skips_and_stays_close_first_and_second_time(trained, policy, options, least):
+    name, model, make_pipe, gen, full = trained
+    pipe = make_pipe(model)
+    pipe.transformer = torch.compile(model, backend="cachepass", options={
+        "policy": policy, "inner": "eager", "num_steps": STEPS, **options})
+    try:
+        with torch.no_grad():
+            first = gen(pipe)
+            computed_first = [list(b.computed_steps) for b in cachepass.stats(pipe.transformer).branches]
+            second = gen(pipe)
+        stats = cachepass.stats(pipe.transformer)
+    finally:
+        torch._dynamo.reset()
+    computed = [list(b.computed_steps) for b in stats.branches]
+    assert len(computed) == 2 and computed == computed_first
+    assert all(STEPS - 1 in c for c in computed), computed  # the last step is computed
+    assert all(len(c) <= 3 * STEPS // 4 for c in computed), computed
+    assert torch.equal(first, second)
+    print(name, policy, options, computed[0], round(psnr(first, full), 2))
+    assert psnr(first, full) > least, (name, psnr(first, full))
+
+
+def test_schedules_compute_the_last_step_when_the_step_count_is_known():
+    from cachepass.options import parse_options
+    from cachepass.policies.base import CallContext
+
+    for policy, options in (("interval", {"interval": 4}), ("taylorseer", {"interval": 4}),
+                            ("foca", {"interval": 4})):
+        p = parse_options({"policy": policy, **options}).policy
+        state = p.new_state()
+        steps = [s for s in range(18) if p.decide(state, CallContext(0, s, 0, 18, None), None)]
+        assert steps[0] == 0 and steps[-1] == 17, (policy, steps)
