@@ -28,7 +28,6 @@ corrector's quadratic; the tensors the compute variant wrote, kept by reference:
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 
 from .base import ADDED_PREFIX, Reconstruction, ReuseCache, _tensor_nbytes
+from .taylor import weighted_sums
 
 #: Clocks the prediction can run on: the timestep (step index where a timestep is missing) or the step.
 CLOCKS = ("timestep", "step")
@@ -166,28 +166,8 @@ class FoCaReuse(Reconstruction):
     granularity: str = "stack"
 
     def predict(self, graph, examples, add_placeholder):
-        if not examples:
-            return []
-        first = examples[0]
-        example = None
-        if isinstance(first, torch.Tensor):
-            dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
-            example = first.new_empty((self.points,), dtype=dtype)
-        name = f"{ADDED_PREFIX}foca"
-        weights = add_placeholder(f"{name}_weights", example)
-        terms = [graph.call_function(operator.getitem, (weights, j), name=f"{name}_w{j}")
-                 for j in range(self.points)]
-        outputs = []
-        for p, value in enumerate(examples):
-            out = None
-            for j, w in enumerate(terms):
-                stored = add_placeholder(f"{name}_f{j}_{p}", value)
-                scaled = graph.call_function(operator.mul, (w, stored), name=f"{name}_{p}_term{j}")
-                out = scaled if out is None else graph.call_function(operator.add, (out, scaled),
-                                                                     name=f"{name}_{p}_sum{j}")
-                scaled.meta["example_value"] = out.meta["example_value"] = value
-            outputs.append(out)
-        return outputs
+        return weighted_sums(graph, examples, add_placeholder, f"{ADDED_PREFIX}foca", self.points,
+                             weight_tag="weights", term_tag="w", stored_tag="f")
 
     def new_cache(self):
         return _MultistepCache(self.points, self.clock, self.corrector)

@@ -187,27 +187,34 @@ class TaylorReuse(Reconstruction):
     granularity: str = "stack"
 
     def predict(self, graph, examples, add_placeholder):
-        if not examples:
-            return []
-        first = examples[0]
-        example = None
-        if isinstance(first, torch.Tensor):
-            example = first.new_empty((self.order + 1,), dtype=_coefficient_dtype(first.dtype))
-        name = f"{ADDED_PREFIX}taylor"
-        coefficients = add_placeholder(f"{name}_coefficients", example)
-        terms = [graph.call_function(operator.getitem, (coefficients, i), name=f"{name}_c{i}")
-                 for i in range(self.order + 1)]
-        outputs = []
-        for p, value in enumerate(examples):
-            out = None
-            for i, c in enumerate(terms):
-                derivative = add_placeholder(f"{name}_d{i}_{p}", value)
-                scaled = graph.call_function(operator.mul, (c, derivative), name=f"{name}_{p}_term{i}")
-                out = scaled if out is None else graph.call_function(operator.add, (out, scaled),
-                                                                     name=f"{name}_{p}_sum{i}")
-                scaled.meta["example_value"] = out.meta["example_value"] = value
-            outputs.append(out)
-        return outputs
+        return weighted_sums(graph, examples, add_placeholder, f"{ADDED_PREFIX}taylor", self.order + 1,
+                             weight_tag="coefficients", term_tag="c", stored_tag="d")
 
     def new_cache(self):
         return _TaylorCache(self.order)
+
+
+def weighted_sums(graph, examples, add_placeholder, name: str, count: int, *, weight_tag: str, term_tag: str,
+                  stored_tag: str) -> list:
+    """Reuse-graph nodes for ``sum_i w[i] * stored_i`` per cached tensor: one placeholder ``name_<weight_tag>``
+    holding the ``count`` weights (float32, float64 for float64 tensors), and per cached tensor ``p`` the
+    placeholders ``name_<stored_tag><i>_<p>`` of what the cache stores. What Taylor (derivatives) and FoCa
+    (past residuals) reconstructions both predict with."""
+    if not examples:
+        return []
+    first = examples[0]
+    example = None
+    if isinstance(first, torch.Tensor):
+        example = first.new_empty((count,), dtype=_coefficient_dtype(first.dtype))
+    weights = add_placeholder(f"{name}_{weight_tag}", example)
+    terms = [graph.call_function(operator.getitem, (weights, i), name=f"{name}_{term_tag}{i}") for i in range(count)]
+    outputs = []
+    for p, value in enumerate(examples):
+        out = None
+        for i, w in enumerate(terms):
+            stored = add_placeholder(f"{name}_{stored_tag}{i}_{p}", value)
+            scaled = graph.call_function(operator.mul, (w, stored), name=f"{name}_{p}_term{i}")
+            out = scaled if out is None else graph.call_function(operator.add, (out, scaled), name=f"{name}_{p}_sum{i}")
+            scaled.meta["example_value"] = out.meta["example_value"] = value
+        outputs.append(out)
+    return outputs
