@@ -29,6 +29,7 @@ from cachepass.demo.model import (
     NULL_CLASS,
     NUM_CLASSES,
     PROMPT_TOKENS,
+    build_transformer,
     prompt_embeds_for,
     read_weight_file,
     to_frames,
@@ -112,14 +113,7 @@ def load_digits_flux_model(
     tensors, metadata = _load_file()
     config = dict(metadata.get("config", FLUX_CONFIG))
     config["axes_dims_rope"] = tuple(config["axes_dims_rope"])
-    model = FluxTransformer2DModel(**config)
-    state = {k.removeprefix("transformer."): v for k, v in tensors.items() if k.startswith("transformer.")}
-    model.load_state_dict(state, strict=True)
-    logger.debug("loaded digits FLUX model from %s", FLUX_WEIGHTS_PATH)
-    model.to(device=device)
-    if dtype != torch.float32:  # diffusers warns on any dtype cast, so only cast when asked to
-        model.to(dtype=dtype)
-    return model.eval().requires_grad_(False)
+    return build_transformer(FluxTransformer2DModel, config, tensors, FLUX_WEIGHTS_PATH, device, dtype)
 
 
 def _tables() -> tuple[torch.Tensor, torch.Tensor]:

@@ -111,10 +111,17 @@ def load_digits_model(device: str | torch.device = "cpu", dtype: torch.dtype = t
     tensors, metadata = _load_file()
     config = dict(metadata.get("config", MODEL_CONFIG))
     config["patch_size"] = tuple(config["patch_size"])
-    model = WanTransformer3DModel(**config)
+    return build_transformer(WanTransformer3DModel, config, tensors, WEIGHTS_PATH, device, dtype)
+
+
+def build_transformer(model_class, config: dict, tensors: dict[str, torch.Tensor], path: Path,
+                      device: str | torch.device, dtype: torch.dtype):
+    """``model_class(**config)`` with the file's ``transformer.*`` tensors, on ``device``, in eval mode
+    and without gradients (both embedded models load this way)."""
+    model = model_class(**config)
     state = {k.removeprefix("transformer."): v for k, v in tensors.items() if k.startswith("transformer.")}
     model.load_state_dict(state, strict=True)
-    logger.debug("loaded digits model from %s", WEIGHTS_PATH)
+    logger.debug("loaded %s from %s", model_class.__name__, path)
     model.to(device=device)
     if dtype != torch.float32:  # diffusers warns on any dtype cast, so only cast when asked to
         model.to(dtype=dtype)
