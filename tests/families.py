@@ -701,10 +701,6 @@ SPLIT = "a graph break splits the block stack"
 #: known cachepass defects in how a decline is reported (docs/families.md, "Defects")
 HELPER_WARNS = ("a graph of the rotary embedder (a graph break inside it) warns 'no block stack found' besides "
                 "the real reason")
-STALE_STREAM = ("the residual stream found is the rotary cos table (same shape as the tokens): a reused step "
-                "returns the cached output whatever its latents")
-RECOMPILE = ("the second call recompiles: the forward reads self.dtype, whose Dynamo guard "
-             "`not hasattr(self, '_diffusers_hook')` fails once cachepass adds its hook to the model")
 
 FAMILIES: list[Family] = [
     Family("Wan", "WanTransformer3DModel", "WanPipeline", build_wan, tuple(FLOW_INT)),
@@ -732,11 +728,10 @@ FAMILIES: list[Family] = [
     Family("HunyuanVideo", "HunyuanVideoTransformer3DModel", "HunyuanVideoPipeline", build_hunyuan_video,
            slow_none=True),
     Family("HunyuanDiT", "HunyuanDiT2DModel", "HunyuanDiTPipeline", build_hunyuan_dit, tuple(DDPM_T)),
-    Family("LTX", "LTXVideoTransformer3DModel", "LTXPipeline", build_ltx,
-           defects=(("reads_latents", STALE_STREAM),)),
+    Family("LTX", "LTXVideoTransformer3DModel", "LTXPipeline", build_ltx),
     Family("Cosmos", "CosmosTransformer3DModel", "Cosmos2TextToImagePipeline", build_cosmos, tuple(COSMOS_T)),
     Family("Allegro", "AllegroTransformer3DModel", "AllegroPipeline", build_allegro,
-           defects=(("no_recompile", RECOMPILE),), slow_none=True),
+           slow_none=True),
     # a graph break in the attention processor: attention runs as Python between each block's graphs, so a
     # reused step skips the rest of the blocks but not the attention; the tiny model moves 0.40 eagerly
     # over the last step

@@ -216,6 +216,23 @@ def test_a_run_cancelled_then_one_that_starts_lower_is_a_new_generation():
     assert cachepass.stats(fast).generations == 2
 
 
+def test_the_end_of_a_pipeline_call_reaches_cachepass_without_adding_to_the_model():
+    """``_reset_stateful_cache`` (what every pipeline calls at its end) starts a new generation, and
+    cachepass adds no ``HookRegistry`` to the model to hear it: diffusers' ``self.dtype`` asks each
+    submodule ``hasattr(m, "_diffusers_hook")``, a question Dynamo guards on (Allegro recompiled)."""
+    model, inputs = tiny_wan(), wan_inputs()
+    fast = compiled(model, policy="interval", interval=100)
+    raw_loop(fast, inputs, SCHEDULE[:8])
+    assert not any(hasattr(m, "_diffusers_hook") for m in model.modules())
+    fast._reset_stateful_cache()
+    t = torch.tensor([SCHEDULE[8]])  # the next step of the same schedule: a reuse, had the request gone on
+    with torch.no_grad():
+        out = fast(timestep=t, **inputs)[0]
+        ref = model(timestep=t, **inputs)[0]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert cachepass.stats(fast).generations == 2
+
+
 def test_an_interrupted_pipeline_call_then_a_new_one():
     pipe = tiny_wan_pipeline()
     pipe.transformer = torch.compile(pipe.transformer, backend="cachepass", options=INTERVAL)

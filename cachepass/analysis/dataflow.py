@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import operator
-from typing import Iterable
+from typing import Callable, Iterable
 
 import networkx as nx
 import torch
@@ -19,6 +19,10 @@ _VIEW_FUNCTIONS = {operator.getitem, torch.reshape, torch.flatten, torch.transpo
                    torch.squeeze, torch.unsqueeze, torch.narrow, torch.select, torch.split, torch.chunk,
                    torch.unbind, torch.movedim, torch.detach}
 _INPLACE_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
+# A skip connection: the ops a residual stream passes through from a block's input to its output.
+_ADDS = {operator.add, operator.iadd, torch.add}
+_ADD_METHODS = {"add"}
+_CASTS = {"float", "half", "bfloat16", "double", "to", "type_as", "type", "contiguous"}
 
 
 def to_networkx(graph: fx.Graph) -> nx.DiGraph:
@@ -102,3 +106,32 @@ def mutations_escaping(region: set[fx.Node]) -> list[fx.Node]:
             if alias_root(node.args[0]) not in region:
                 bad.append(node)
     return bad
+
+
+def _is_add(node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in _ADDS
+    return node.op == "call_method" and node.target in _ADD_METHODS
+
+
+def _is_cast(node: fx.Node) -> bool:
+    return node.op == "call_method" and node.target in _CASTS
+
+
+def skip_sources(node: fx.Node, is_source: Callable[[fx.Node], bool]) -> set[fx.Node]:
+    """The sources ``node`` reaches through additions and dtype casts only: the skip connections it sits
+    on (``x + attn(x) * gate`` reaches ``x``; a rotary table read inside the attention is not reached)."""
+    found: set[fx.Node] = set()
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if is_source(n):
+            found.add(n)
+        elif _is_add(n):
+            stack.extend(a for a in n.args[:2] if isinstance(a, fx.Node))
+        elif _is_cast(n) and n.args and isinstance(n.args[0], fx.Node):
+            stack.append(n.args[0])
+    return found

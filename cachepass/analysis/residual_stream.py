@@ -27,6 +27,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import UnsupportedStructure
+from .dataflow import skip_sources
 from .values import tensor_signature
 
 #: The concatenations a join can be.
@@ -89,10 +90,15 @@ def body_outputs(body: set[fx.Node], order: dict[fx.Node, int]) -> list[fx.Node]
 def _partner(g: nx.DiGraph, inputs: list[fx.Node], value: fx.Node, taken: set[fx.Node],
              first_block: set[fx.Node]) -> fx.Node | None:
     """The body input ``value`` pairs with: same shape and dtype, ``value`` itself or an ancestor, not
-    taken; among several, one the first block reads (the stream enters there)."""
+    taken; among several, the one ``value`` reaches through the skip connections (additions and casts
+    only: a rotary table of the tokens' shape that every attention reads is an ancestor too, but not on
+    the skip path), else one the first block reads (the stream enters there)."""
     signature = tensor_signature(value)
     ancestors = nx.ancestors(g, value) | {value}
     candidates = [i for i in inputs if i not in taken and i in ancestors and tensor_signature(i) == signature]
+    if len(candidates) > 1:
+        on_skip = skip_sources(value, set(candidates).__contains__)
+        candidates = [i for i in candidates if i in on_skip] or candidates
     if len(candidates) > 1:
         direct = [i for i in candidates if any(u in first_block for u in i.users)]
         candidates = direct or candidates

@@ -383,12 +383,14 @@ class FragmentProgram(_Located, CachedProgram):
 
 class BlockPiece(_Located):
     """A graph inside a block of a split stack that pairs nothing: it always runs unchanged. It counts as
-    uncached (and warns once) only when whole calls pass without any fragment leading."""
+    uncached (and warns once) only when whole calls pass without any fragment leading; running inside a
+    reused call, it says once that part of each block is not skipped, and how to keep the block whole."""
 
-    def __init__(self, compiled: Callable, identity: InstanceIdentity, reason: str) -> None:
+    def __init__(self, compiled: Callable, identity: InstanceIdentity, reason: str, where: str = "") -> None:
         self.compiled = compiled
         self.identity = identity
         self.reason = reason
+        self.where = where
         self.site = None
 
     def __call__(self, *args):
@@ -398,9 +400,22 @@ class BlockPiece(_Located):
             runtime = runtime_for(outer)
             with runtime.lock:
                 tracker = tracker_of(runtime)
-                if tracker.live(runtime, sys._getframe(1)) is None:
+                decision = tracker.live(runtime, sys._getframe(1))
+                if decision is None:
                     _no_leader(tracker, runtime, outer, sys._getframe(1), self.reason)
+                elif not decision.compute:
+                    warn_once(log, ("pieces", id(outer)), NOT_SKIPPED, type(outer).__name__, self.where)
         return self.compiled(*args)
+
+
+#: the warning of a block piece that runs inside a reused call
+NOT_SKIPPED = (
+    "cachepass: on reused steps of %s, graphs inside its blocks still run (%s, between graph breaks inside the "
+    "block): the code between two graphs runs as Python, which no graph can skip, so those steps save less "
+    "than the skipped blocks suggest. TORCH_LOGS=graph_breaks names the breaks; a data-dependent shape "
+    "(nonzero, boolean masks) or a scalar read (.item()) stays in the graph with "
+    "torch._dynamo.config.capture_dynamic_output_shape_ops = True or capture_scalar_outputs = True, set "
+    "before the first call.")
 
 
 class TimestepTap:
@@ -567,7 +582,7 @@ def block_graph_program(gm, example_inputs, settings, root, outer, identity: Ins
         compiled = compile_piece(gm, example_inputs, settings.inner, settings.inductor_mode)
         state.outcome = f"caching off: {where}: the graph pairs no input with an output (it always runs)"
         log.debug("cachepass: %s: a graph that pairs nothing; it runs unchanged", where)
-        return BlockPiece(compiled, identity, reason)
+        return BlockPiece(compiled, identity, reason, where)
     chosen = requirements if can_lead else follower_requirements(requirements)
     try:
         graphs = build_fragment_graphs(gm, pairs if chosen.reuses else [], chosen)

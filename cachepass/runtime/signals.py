@@ -8,9 +8,13 @@ with ``maybe_free_model_hooks()``, which calls ``model._reset_stateful_cache()``
   wraps that function once, at import, to remember the context per module (weakly) and then runs the
   original unchanged. The wrap sees the context of the very first call, before anything was compiled,
   which a hook registered at compile time could not.
-* the end of a pipeline call reaches every *stateful* hook in the module's ``HookRegistry``; cachepass
-  adds one (:class:`RequestEndHook`) that wraps nothing, so the module's ``forward`` (which Dynamo
-  traced) is left as it is.
+* the end of a pipeline call is diffusers' ``CacheMixin._reset_stateful_cache``; cachepass wraps that
+  method once, at import, to tell the modules it watches (weakly) after the original ran. Nothing is
+  added to the module: a ``HookRegistry`` attribute would change what the traced ``forward`` sees
+  (diffusers' ``self.dtype`` asks every submodule ``hasattr(m, "_diffusers_hook")``, and Dynamo guards
+  on that answer, so adding one after the first compile recompiles the model). A class with its own
+  ``_reset_stateful_cache`` gets a stateful hook in its registry instead (:class:`RequestEndHook`), which
+  wraps nothing.
 
 Where diffusers is missing or has neither entry point, both taps stay off and placement falls back to
 the timesteps (:mod:`cachepass.runtime.placement`).
@@ -86,8 +90,40 @@ def install() -> bool:
 
     _set_cache_context.__cachepass_tap__ = True
     diffusers_hooks._set_cache_context = _set_cache_context
+    _tap_request_end()
     _installed = True
     return True
+
+
+#: the modules whose pipeline-call end cachepass watches, and what to call then
+_END_WATCHERS: "weakref.WeakKeyDictionary[torch.nn.Module, Callable[[torch.nn.Module], None]]" = (
+    weakref.WeakKeyDictionary())
+
+
+def _tap_request_end() -> None:
+    """Wrap ``CacheMixin._reset_stateful_cache`` (once): after the original, tell the watched modules it
+    reached (``self``, and with ``recurse`` its submodules, as the registries' reset does)."""
+    try:
+        from diffusers.models.cache_utils import CacheMixin
+    except Exception:
+        return
+    original = CacheMixin.__dict__.get("_reset_stateful_cache")
+    if original is None or getattr(original, "__cachepass_tap__", False):
+        return
+
+    @functools.wraps(original)
+    def _reset_stateful_cache(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        recurse = kwargs.get("recurse", args[0] if args else True)
+        if _END_WATCHERS:
+            for module in (self.modules() if recurse else (self,)):
+                on_end = _END_WATCHERS.get(module)
+                if on_end is not None:
+                    on_end(module)
+        return result
+
+    _reset_stateful_cache.__cachepass_tap__ = True
+    CacheMixin._reset_stateful_cache = _reset_stateful_cache
 
 
 def current_signal(module) -> PipelineSignal | None:
@@ -100,10 +136,17 @@ def current_signal(module) -> PipelineSignal | None:
 def watch_request_end(module, on_end: Callable[[torch.nn.Module], None]) -> bool:
     """Make ``module._reset_stateful_cache()`` (the end of every pipeline call) call ``on_end(module)``.
 
-    The hook goes into the module's existing ``HookRegistry`` at the front, without wrapping ``forward``;
-    a module without a registry gets one only when it has diffusers' ``_reset_stateful_cache``."""
+    Through the tapped ``CacheMixin`` method when the module's class inherits it (nothing is added to the
+    module); else a stateful hook goes into the module's ``HookRegistry`` at the front, without wrapping
+    ``forward``."""
     if not isinstance(module, torch.nn.Module) or not hasattr(module, "_reset_stateful_cache"):
         return False
+    if getattr(type(module)._reset_stateful_cache, "__cachepass_tap__", False):
+        try:
+            _END_WATCHERS[module] = on_end
+            return True
+        except TypeError:  # not weakly referable: the registry hook below
+            pass
     try:
         from diffusers.hooks.hooks import HookFunctionReference, HookRegistry, ModelHook
     except Exception:

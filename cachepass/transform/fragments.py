@@ -29,16 +29,12 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from ..analysis.dataflow import mutations_escaping
+from ..analysis.dataflow import mutations_escaping, skip_sources
 from ..analysis.values import example_value, is_user_input, tensor_signature
 from ..errors import UnsupportedStructure
 from ..policies.base import Requirements
 from ..reconstruction import ADDED_PREFIX, check_cache_layout
 from .variants import placeholder_adder
-
-_ADDS = {operator.add, operator.iadd, torch.add}
-_ADD_METHODS = {"add"}
-_CASTS = {"float", "half", "bfloat16", "double", "to", "type_as", "type", "contiguous"}
 
 
 @dataclass(frozen=True)
@@ -61,32 +57,8 @@ class FragmentGraphs:
     num_cache_writes: int
 
 
-def _is_add(node: fx.Node) -> bool:
-    if node.op == "call_function":
-        return node.target in _ADDS
-    return node.op == "call_method" and node.target in _ADD_METHODS
-
-
-def _is_cast(node: fx.Node) -> bool:
-    return node.op == "call_method" and node.target in _CASTS
-
-
-def skip_sources(node: fx.Node) -> set[fx.Node]:
-    """The placeholders ``node`` reaches through additions and dtype casts only."""
-    found: set[fx.Node] = set()
-    stack, seen = [node], set()
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n.op == "placeholder":
-            found.add(n)
-        elif _is_add(n):
-            stack.extend(a for a in n.args[:2] if isinstance(a, fx.Node))
-        elif _is_cast(n) and n.args and isinstance(n.args[0], fx.Node):
-            stack.append(n.args[0])
-    return found
+def _is_placeholder(node: fx.Node) -> bool:
+    return node.op == "placeholder"
 
 
 def _outputs(gm: fx.GraphModule) -> tuple:
@@ -111,7 +83,7 @@ def find_pairs(gm: fx.GraphModule) -> list[Pair]:
         signature = tensor_signature(out)
         if signature is None:
             continue
-        sources = [p for p in skip_sources(out) if p in inputs and p not in taken and tensor_signature(p) == signature]
+        sources = [p for p in skip_sources(out, _is_placeholder) if p in inputs and p not in taken and tensor_signature(p) == signature]
         if len(sources) != 1:
             continue
         taken.add(sources[0])
