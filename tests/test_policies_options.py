@@ -76,13 +76,13 @@ def test_every_declared_example_is_valid(policy):
 
 
 def test_defaults():
-    assert DEFAULT_POLICY == "teacache"
+    assert DEFAULT_POLICY == "taylorseer"
     settings = parse_options({})
-    assert settings.policy.name == "teacache"
+    assert settings.policy.name == "taylorseer"
     c = settings.policy.config
-    assert (c.threshold, c.indicator, c.ret_steps) == (0.2, "timestep_embedding", False)
-    c = parse_options({"policy": "taylorseer"}).policy.config
     assert (c.interval, c.order, c.warmup, c.final_steps, c.granularity) == (4, 1, 1, 1, "stack")
+    c = parse_options({"policy": "teacache"}).policy.config
+    assert (c.threshold, c.indicator, c.ret_steps) == (0.2, "timestep_embedding", False)
     c = parse_options({"policy": "adacache"}).policy.config
     assert (c.feature, c.codebook, c.motion, c.tokens_per_frame) == ("attention_output:middle", "auto", True, None)
     c = parse_options({"policy": "fbcache"}).policy.config
