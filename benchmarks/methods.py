@@ -35,7 +35,7 @@ GROUPS: dict[str, list[str]] = {
         "cachepass:none",
         "cachepass:interval:interval=2|3|5",
         "cachepass:teacache:threshold=0.1|0.2|0.4",
-        "cachepass:taylorseer:interval=2|4|6",
+        "cachepass:taylorseer:interval=2|3|4|5|6|8",
         "cachepass:taylorseer:granularity=block,interval=2|4|6",
         "cachepass:adacache",
         "cachepass:customcache:threshold=0.1|0.26|0.4",
@@ -44,6 +44,8 @@ GROUPS: dict[str, list[str]] = {
         "cachepass:dbcache:taylor=1,threshold=0.08|0.15|0.3",
         "cachepass:teacache:target_speedup=2|3",
         "cachepass:magcache:target_speedup=2|3",
+        "cachepass:foca:interval=3|5|7",
+        "cachepass:speca:threshold=0.1|0.2|0.4",
     ],
     "diffusers": [
         "diffusers-fbcache:threshold=0.05|0.1|0.2",

@@ -1,4 +1,5 @@
-"""The comparison's outputs: a markdown table and the speedup-vs-PSNR frontier plot."""
+"""The comparison's outputs: a markdown table, the budget table (best PSNR at each block-work budget,
+cachepass against the best peer) and the frontier plot (speedup against PSNR, PSNR against block work)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,42 @@ def table_cells(row: dict) -> list[str]:
     ]
 
 
+#: the block-work budgets of the budget table (issue 15: every budget from 15 % to 50 %)
+BUDGETS = (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5)
+
+
+def worst_psnr(row: dict) -> float | None:
+    """A row's PSNR in its worse generation (the first, warm-up one, or the profiled later one)."""
+    values = [v for v in (row.get("psnr"), row.get("psnr_first")) if v is not None]
+    return min(values) if values else None
+
+
+def _usable(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r.get("status", "ok") == "ok" and r["tool"] != "full"
+            and r.get("block_work") is not None and worst_psnr(r) is not None]
+
+
+def best_within(rows: list[dict], budget: float, peers: bool) -> dict | None:
+    """The row of highest worst-generation PSNR with block work at most ``budget`` (0.5 % slack for the
+    attention count): among cachepass's rows, or (``peers``) among the other tools'."""
+    chosen = [r for r in _usable(rows) if (r["tool"] != "cachepass") == peers and r["block_work"] <= budget + 0.005]
+    return max(chosen, key=worst_psnr, default=None)
+
+
+def budget_markdown(rows: list[dict]) -> str:
+    """Per budget: the best cachepass row and the best peer row within it, and the margin in dB."""
+    lines = ["| block work <= | best cachepass | PSNR dB | best peer | PSNR dB | margin dB |", "|---|---|---|---|---|---|"]
+    for budget in BUDGETS:
+        ours, theirs = best_within(rows, budget, False), best_within(rows, budget, True)
+        margin = "-" if ours is None or theirs is None else f"{worst_psnr(ours) - worst_psnr(theirs):+.1f}"
+        cells = [f"{100 * budget:.0f}%"]
+        for r in (ours, theirs):
+            cells += ["-", "-"] if r is None else [f"{r['method']} ({100 * r['block_work']:.0f}%)",
+                                                   _num(worst_psnr(r), ".1f")]
+        lines.append("| " + " | ".join(cells + [margin]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"Workload `{meta['workload']}`: {meta['description']}; {meta['steps']} steps x 2 CFG calls, "
              f"{meta['device']} {meta['dtype']}, median of {meta['repeats']} after a warm-up; "
@@ -46,6 +83,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines.append("| " + " | ".join(COLUMNS) + " |")
     lines.append("|" + "---|" * len(COLUMNS))
     lines += ["| " + " | ".join(table_cells(r)) + " |" for r in rows]
+    lines += ["", "Best PSNR within each block-work budget (the worse of the two scored generations):", "",
+              budget_markdown(rows)]
     notes = [f"- {r['method']}: {'; '.join(r['notes'])}" for r in rows if r.get("notes")]
     notes += [f"- {r['method']}: first graph break: {r['graph_break_reasons'][0]}" for r in rows
               if r.get("graph_break_reasons")]
@@ -80,9 +119,10 @@ def plot_runs(panels: list[tuple[list[dict], str]], path: str, psnr_cap: float =
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(panels), 1, figsize=(8.5, 4.6 * len(panels)), dpi=80, squeeze=False)
-    for ax, (rows, title) in zip(axes[:, 0], panels):
+    fig, axes = plt.subplots(len(panels), 2, figsize=(14, 4.6 * len(panels)), dpi=80, squeeze=False)
+    for (ax, ax_work), (rows, title) in zip(axes, panels):
         _draw(ax, rows, title, psnr_cap, plt.get_cmap("tab10").colors)
+        _draw_budget(ax_work, rows, title, psnr_cap)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -116,3 +156,26 @@ def _draw(ax, rows: list[dict], title: str, psnr_cap: float, colors) -> None:
     ax.grid(alpha=0.3)
     if families:
         ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+
+
+def _draw_budget(ax, rows: list[dict], title: str, psnr_cap: float) -> None:
+    """PSNR (worse generation) against block work, every row a point, and per tool the best PSNR reached
+    within each budget as a step line: where cachepass's line lies above the peers', it wins that budget."""
+    usable = _usable(rows)
+    for tool, color in (("cachepass", "tab:blue"), ("diffusers", "tab:orange"), ("cache-dit", "tab:green")):
+        own = sorted((r["block_work"], min(worst_psnr(r), psnr_cap)) for r in usable if r["tool"] == tool)
+        if not own:
+            continue
+        ax.scatter(*zip(*own), color=color, s=14, alpha=0.5)
+        best, line = -math.inf, []
+        for work, value in own:
+            best = max(best, value)
+            line.append((work, best))
+        ax.step(*zip(*line), where="post", color=color, lw=1.4, label=f"{tool}: best within the budget")
+    ax.set_xlabel("block work (attention calls run / full compute's)")
+    ax.set_ylabel(f"PSNR dB, worse generation (>= {psnr_cap:.0f} at {psnr_cap:.0f})")
+    ax.set_xlim(0.0, 1.02)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    if usable:
+        ax.legend(fontsize=7, loc="lower right", frameon=False)

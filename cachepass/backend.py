@@ -19,6 +19,7 @@ import torch.fx as fx
 from . import graph_dump
 from ._dynamo import tracing_scopes
 from ._logging import get_logger, warn_once
+from .analysis.blocks import blocks_in_graph_order
 from .analysis.structure import DenoiserStructure
 from .analysis.training import has_active_dropout
 from .analysis.values import is_user_input, source_name
@@ -71,9 +72,25 @@ def split_block(outer: torch.nn.Module, root: torch.nn.Module) -> tuple[str, int
     return None
 
 
+def _is_stack_list(m) -> bool:
+    return (isinstance(m, (torch.nn.ModuleList, torch.nn.Sequential)) and len(m) >= 2
+            and len({type(c) for c in m}) == 1)
+
+
 def _has_stack(module: torch.nn.Module) -> bool:
-    return any(isinstance(m, (torch.nn.ModuleList, torch.nn.Sequential)) and len(m) >= 2
-               and len({type(c) for c in m}) == 1 for m in module.modules())
+    return any(_is_stack_list(m) for m in module.modules())
+
+
+def _holds_stack_blocks(gm, root: torch.nn.Module) -> bool:
+    """Whether the graph runs any block of a list of ``root`` that is a stack (same-class children)."""
+    for block in blocks_in_graph_order(gm):
+        try:
+            parent = root.get_submodule(block.module.parent)
+        except AttributeError:
+            return True  # a path Dynamo named that the module tree does not know: assume it is
+        if _is_stack_list(parent):
+            return True
+    return False
 
 
 def _model_key(root) -> Any:
@@ -180,9 +197,14 @@ def _compile(gm, example_inputs, settings: Settings, root, state: PassState, con
                       "break (run with fullgraph=True, or TORCH_LOGS=graph_breaks, to see where it is)")
             return _fallback(gm, example_inputs, settings, reason, outer, identity, warn_key=("split", parent),
                              split=True, state=state)
-        if outer is not None and _has_stack(outer):  # a helper piece of a model whose stack is elsewhere
+        # a helper piece of a model whose stack is elsewhere: a graph inside the model, or a graph of the
+        # model's own frame that runs no block of its stacks (before a graph break: Lumina2's embeddings)
+        helper_of = outer
+        if helper_of is None and root is not None and not _holds_stack_blocks(gm, root):
+            helper_of = root
+        if helper_of is not None and _has_stack(helper_of):
             log.debug("cachepass: a graph of %s holds no blocks (%s); it runs unchanged",
-                      type(outer).__name__, exc)
+                      type(helper_of).__name__, exc)
             return fragments.helper_program(gm, _fallback(gm, example_inputs, settings, str(exc), root, identity,
                                                           counts=False, warn=False, state=state), identity)
         return _fallback(gm, example_inputs, settings, str(exc), root, identity, counts=False, state=state)

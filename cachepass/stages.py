@@ -147,17 +147,40 @@ def checks(state: PassState) -> None:
     check_body(state.dataflow, state.body)
 
 
-def residual_stream(state: PassState) -> None:
-    """The stream tensors and their in/out pairing; the body's other inputs (``residual_stream.py``)."""
-    order = {n: i for i, n in enumerate(state.gm.graph.nodes)}
+def _pair_stream(state: PassState, order: dict):
     inputs, outputs = body_inputs(state.body, order), body_outputs(state.body, order)
-    if state.unet is not None:  # a value reuse: no stream, every body input a side input
-        state.stream, state.side_inputs, state.stream_sources = [], inputs, set()
-        return
     state.first_block = [n for n in state.stacks[0].blocks[0].nodes if n in state.body]
     block_nodes = {n for k in state.stacks for b in k.blocks for n in b.nodes}
-    state.stream = find_residual_stream(state.dataflow, inputs, outputs, set(state.first_block), state.body,
+    return inputs, find_residual_stream(state.dataflow, inputs, outputs, set(state.first_block), state.body,
                                         block_nodes)
+
+
+def residual_stream(state: PassState) -> None:
+    """The stream tensors and their in/out pairing; the body's other inputs (``residual_stream.py``).
+
+    When the body of several adjacent stacks has an output without a partner (Lumina2: two refiner stacks,
+    then the joint sequence written into a new tensor by per-sample slices, then the joint stack), the span
+    narrows to the longest stack alone, whose boundary tensors pair; the other stacks then always run."""
+    order = {n: i for i, n in enumerate(state.gm.graph.nodes)}
+    if state.unet is not None:  # a value reuse: no stream, every body input a side input
+        inputs = body_inputs(state.body, order)
+        state.stream, state.side_inputs, state.stream_sources = [], inputs, set()
+        return
+    try:
+        inputs, state.stream = _pair_stream(state, order)
+    except UnsupportedStructure as whole:
+        if len(state.stacks) < 2:
+            raise
+        wide = (state.stacks, state.prologue, state.body, state.epilogue)
+        state.stacks = [max(state.stacks, key=lambda k: (len(k.blocks), sum(len(b.nodes) for b in k.blocks)))]
+        state.prologue, state.body, state.epilogue = split_regions(state.gm, state.stacks)
+        try:
+            check_body(state.dataflow, state.body)
+            inputs, state.stream = _pair_stream(state, order)
+        except UnsupportedStructure:
+            state.stacks, state.prologue, state.body, state.epilogue = wide
+            raise whole from None
+        log.debug("cachepass: %s; the cached span narrows to the stack %r", whole, state.stacks[0].parent)
     stream_inputs = {i for s in state.stream for i in s.inputs}
     state.side_inputs = [i for i in inputs if i not in stream_inputs]
     state.stream_sources = set().union(*(nx.ancestors(state.dataflow, i) | {i} for i in stream_inputs))

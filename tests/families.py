@@ -698,9 +698,6 @@ def build_unet(seed: int):
 RESIDUAL = "has no body input of the same shape and dtype to form a residual with"
 NO_STACK = "no block stack found"
 SPLIT = "a graph break splits the block stack"
-#: known cachepass defects in how a decline is reported (docs/families.md, "Defects")
-HELPER_WARNS = ("a graph of the rotary embedder (a graph break inside it) warns 'no block stack found' besides "
-                "the real reason")
 
 FAMILIES: list[Family] = [
     Family("Wan", "WanTransformer3DModel", "WanPipeline", build_wan, tuple(FLOW_INT)),
@@ -737,11 +734,13 @@ FAMILIES: list[Family] = [
     # over the last step
     Family("Mochi", "MochiTransformer3DModel", "MochiPipeline", build_mochi, slow_none=True,
            skips_attention=False, rel_l1_bounds=(0.4, 0.5)),
-    Family("Latte", "LatteTransformer3DModel", "LattePipeline", build_latte, tuple(DDPM_T),
-           status="declined", reason=NO_STACK),
+    # spatial blocks of one list alternate with temporal blocks of another: the stack runs across them
+    Family("Latte", "LatteTransformer3DModel", "LattePipeline", build_latte, tuple(DDPM_T)),
     Family("EasyAnimate", "EasyAnimateTransformer3DModel", "EasyAnimatePipeline", build_easyanimate),
+    # the refiners, then the joint sequence written per sample into a new tensor, then the joint blocks: the
+    # span narrows to the joint stack, whose input pairs; the refiners always run
     Family("Lumina2", "Lumina2Transformer2DModel", "Lumina2Pipeline", build_lumina2, tuple(LUMINA_T),
-           status="declined", reason=RESIDUAL, defects=(("warns_once", HELPER_WARNS),), slow_none=True),
+           slow_none=True),
     Family("UNet2DCondition", "UNet2DConditionModel", "StableDiffusionPipeline", build_unet, tuple(DDPM_T),
            slow_none=True),  # DeepCache's cut: the deep feature entering the last up level is cached
 ]

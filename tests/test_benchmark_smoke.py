@@ -103,3 +103,22 @@ def test_method_parsing():
     with pytest.raises(ValueError, match="unknown"):
         methods.parse("cachepass:nope")
     assert methods.parse_all(["full", "eager"]) == methods.parse("full")
+
+
+def test_the_budget_table_takes_each_tools_best_within_the_budget_in_its_worse_generation():
+    def row(method, tool, work, psnr, first):
+        return {"method": method, "tool": tool, "status": "ok", "block_work": work, "psnr": psnr, "psnr_first": first}
+
+    rows = [row("eager", "full", 1.0, math.inf, math.inf),
+            row("cachepass a", "cachepass", 0.18, 41.0, 41.0),
+            row("cachepass b", "cachepass", 0.30, 50.0, 30.0),  # good later, bad first: counts as 30 dB
+            row("peer c", "diffusers", 0.20, 39.5, 39.5),
+            row("peer d", "cache-dit", 0.45, 44.0, 44.0)]
+    assert report.best_within(rows, 0.2, peers=False)["method"] == "cachepass a"
+    assert report.best_within(rows, 0.3, peers=False)["method"] == "cachepass a"
+    assert report.best_within(rows, 0.15, peers=False) is None
+    assert report.best_within(rows, 0.5, peers=True)["method"] == "peer d"
+    table = report.budget_markdown(rows).splitlines()
+    by_budget = {line.split(" | ")[0].strip("| "): line for line in table[2:]}
+    assert by_budget["20%"].endswith("| +1.5 |") and by_budget["45%"].endswith("| -3.0 |")
+    assert by_budget["15%"].endswith("| - |")

@@ -223,6 +223,14 @@ def test_no_recompile_after_the_first_call(family):
         f"{run.graphs_first_call} graph(s) in the first call, {run.graphs} in all")
 
 
+@pytest.mark.parametrize("family", _defect_params(ACCELERATED, "quiet"))
+def test_an_accelerated_family_never_says_caching_is_off(family):
+    """No graph of a model that caches warns that caching is off (a helper graph before or between the
+    stack's graphs runs unchanged, quietly)."""
+    said = [w for w in interval_run(family).warnings if "caching is off" in w]
+    assert not said, said
+
+
 DECLINED = [f for f in FAMILIES if not f.accelerated]
 
 

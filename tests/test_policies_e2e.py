@@ -93,7 +93,8 @@ def test_the_cases_cover_the_built_in_examples():
     """The cases the table above held before it came from the registry, and the policies it left out."""
     assert {"teacache", "teacache-modulated", "taylorseer", "taylorseer-block", "adacache", "customcache",
             "fbcache", "dbcache", "interval", "magcache", "none"} <= set(CASES)
-    assert CASES["teacache"] == ("teacache", {})  # the defaults, policy not named
+    assert CASES["taylorseer"] == ("taylorseer", {"order": 2})  # the default policy, not named
+    assert CASES["teacache"] == ("teacache", {"policy": "teacache"})
     assert CASES["dbcache"][1] == {"policy": "dbcache", "Fn": 1, "Bn": 1, "warmup": 2, "threshold": 0.05, "taylor": 1}
 
 

@@ -11,6 +11,8 @@ before and after it (FLUX: 19 double-stream blocks, then 38 single-stream blocks
 Modules of *other* lists may run between two consecutive blocks of the longest stack (ConsisID: a face
 cross-attention of ``perceiver_cross_attention`` after every other block): the stack then goes on across
 them to its list's next block, and they are part of the body (their work is in the stack's residual).
+When no list has two blocks in a row, two lists whose blocks alternate (Latte: a spatial block, then a
+temporal one, each of its own list) form the stack the same way, on the list that spans the most.
 """
 
 from __future__ import annotations
@@ -105,12 +107,17 @@ def find_block_stack(gm: fx.GraphModule) -> list[BlockStack]:
     """The consecutive stacks that form the body, in graph order. Raises if there is none."""
     runs = _runs(blocks_in_graph_order(gm))
     stacks = [i for i, run in enumerate(runs) if len(run) >= 2]
-    if not stacks:
-        raise NoBlockStack(
-            "no block stack found: no run of two or more same-class blocks inside a ModuleList"
-        )
-    main = max(stacks, key=lambda i: (len(runs[i]), sum(len(b.nodes) for b in runs[i])))
-    runs, main = _across_other_lists(runs, main)
+    if stacks:
+        main = max(stacks, key=lambda i: (len(runs[i]), sum(len(b.nodes) for b in runs[i])))
+        runs, main = _across_other_lists(runs, main)
+    else:  # two lists whose blocks alternate (Latte: spatial, temporal, spatial, ...): no run of one list
+        joined = [_across_other_lists(runs, i) for i in range(len(runs))]
+        joined = [(r, m) for r, m in joined if len(r[m]) >= 2]
+        if not joined:
+            raise NoBlockStack(
+                "no block stack found: no run of two or more same-class blocks inside a ModuleList"
+            )
+        runs, main = max(joined, key=lambda rm: (len(rm[0][rm[1]]), sum(len(b.nodes) for b in rm[0][rm[1]])))
     stacks = [i for i, run in enumerate(runs) if len(run) >= 2]
     first = last = main
     while first - 1 in stacks:
