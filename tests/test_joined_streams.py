@@ -24,11 +24,12 @@ from torch import nn
 
 import cachepass
 from cachepass.analysis.features import resolve_feature
+from cachepass.analysis.residual_stream import body_inputs, body_outputs, find_residual_stream
 from cachepass.analysis.structure import analyse
 from cachepass.errors import UnsupportedStructure
 from cachepass.policies.base import EXAMPLE_IMAGE, EXAMPLE_TINY, Requirements
 from cachepass.reconstruction import ResidualReuse, TaylorReuse
-from cachepass.stages import CUT, TRANSFORM, PassState, run_stages
+from cachepass.stages import BLOCK_STACK, CHECKS, CUT, REGIONS, TRANSFORM, PassState, run_stages
 from cachepass.transform.invariants import check_partition
 from cachepass.transform.partition import JoinedStart
 from cachepass.transform.partition import partition as make_partition
@@ -400,8 +401,9 @@ def test_family_interval_skips_the_joined_stacks(name):
 
 
 def test_a_join_of_other_tensors_is_no_stream():
-    """A concatenation whose inputs do not descend from the stream pairs nothing: the body output keeps
-    the message of an unpaired output."""
+    """A concatenation whose inputs do not descend from the stream pairs nothing: the body of both stacks
+    keeps the message of an unpaired output, and the span narrows to the longest stack (the single-stream
+    one, 3 blocks), whose input is the concatenation itself: a plain stream, no join."""
     class Widening(JoinedDiT):
         def forward(self, x, text, t):
             c = self.t_mlp(sinusoid(t))
@@ -417,8 +419,18 @@ def test_a_join_of_other_tensors_is_no_stream():
     model = Widening().eval()
     x, text = torch.randn(1, TOKENS, 4), torch.randn(1, TEXT, 8)
     gm, _ = capture(model, x, text, torch.tensor([STEPS[0]]))
+    structure = analyse(gm)
+    assert [k.parent for k in structure.stacks] == ["solo"]
+    assert len(structure.stream) == 1 and structure.stream[0].join is None
+    assert structure.stream[0].input.target is torch.cat  # the span starts at the concatenation
+    state = PassState(gm)  # the body of both stacks, as the stages find it before the narrowing
+    run_stages(state, (BLOCK_STACK, REGIONS, CHECKS))
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    first = {n for n in state.stacks[0].blocks[0].nodes if n in state.body}
+    blocks = {n for k in state.stacks for b in k.blocks for n in b.nodes}
     with pytest.raises(UnsupportedStructure, match="has no body input of the same shape and dtype"):
-        analyse(gm)
+        find_residual_stream(state.dataflow, body_inputs(state.body, order), body_outputs(state.body, order),
+                             first, state.body, blocks)
 
 
 def test_stage_runner_reports_the_joined_pair(joined):

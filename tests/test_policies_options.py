@@ -211,7 +211,7 @@ def test_numpy_scalars_are_numbers_and_bools():
 
 def test_sequences_may_be_lists_tuples_or_arrays():
     for value in ([1.0, 0.0], (1.0, 0.0), np.array([1.0, 0.0]), [1, 0]):
-        assert list(parse_options({"coefficients": value}).policy.poly.coeffs) == [1.0, 0.0]
+        assert list(parse_options({"policy": "teacache", "coefficients": value}).policy.poly.coeffs) == [1.0, 0.0]
     for value in ([[1.0, 0.9], [1.0, 0.8]], ((1.0, 0.9), (1.0, 0.8)), np.array([[1.0, 0.9], [1.0, 0.8]])):
         assert parse_options({"policy": "magcache", "mag_ratios": value}).policy.config.mag_ratios == \
             [[1.0, 0.9], [1.0, 0.8]]
@@ -220,7 +220,7 @@ def test_sequences_may_be_lists_tuples_or_arrays():
 def test_documented_maxima_are_accepted():
     assert parse_options({"num_steps": 10_000}).num_steps == 10_000
     assert parse_options({"policy": "interval", "interval": 10_000}).policy.config.interval == 10_000
-    assert parse_options({"coefficients": [0.0] * 32}).policy.poly.order == 0
+    assert parse_options({"policy": "teacache", "coefficients": [0.0] * 32}).policy.poly.order == 0
     c = parse_options({"policy": "magcache", "mag_ratios": [[1.0] * 10_000] * 2, "num_steps": 10_000}).policy.config
     assert len(c.mag_ratios[0]) == 10_000
     assert parse_options({"policy": "teacache", "threshold": 1e300}).policy.config.threshold == 1e300
