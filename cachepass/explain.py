@@ -163,36 +163,46 @@ def _report(state: PassState, policy) -> GraphReport:
         n.name for n in structure.side_inputs
         if n.op != "placeholder" or is_user_input(n)
     ]
-    if structure.timestep_input is not None:
-        report.timestep_input = input_name(structure.timestep_input)
-    report.indicators = {k: v.name for k, v in structure.indicators.items()}
     # every block's parts (what granularity 'block' would predict with no block computed always)
     parts = find_block_parts(structure, 0, len(structure.blocks), structure.body)
     block_names = [b.module.qualified_name for b in structure.blocks]
     report.block_parts = list(dict.fromkeys(p.name[len(block_names[p.block]) + 1:] for p in parts))
     report.block_part_outputs = sum(len(p.outputs) for p in parts)
-    requirements = state.requirements = policy.requirements()
-    report.indicator_used = requirements.indicator
-    try:
-        run_stages(state, CUT)
-        partition = state.partition
-        report.node_counts = {"head": len(partition.head), "cached": len(partition.cached),
-                              "after": len(partition.after)}
+    partition = _cut(state, policy, report, uncut=("prologue", "body", "epilogue"))
+    if partition is not None:
         report.cut = partition.span
         report.pairs = [(end.name, start.name, start.join.name if isinstance(start, JoinedStart) else None)
                         for start, end in partition.pairs]
         if partition.indicator_base is not None:
             base = partition.indicator_base
-            report.indicators[requirements.indicator] = f"{partition.indicator.name} - {base.name}"
-    except UnsupportedStructure as exc:
-        report.caching, report.reason = False, str(exc)
-        report.node_counts = {"prologue": len(structure.prologue), "body": len(structure.body),
-                              "epilogue": len(structure.epilogue)}
+            report.indicators[report.indicator_used] = f"{partition.indicator.name} - {base.name}"
     return report
 
 
+def _cut(state: PassState, policy, report: GraphReport, uncut: tuple[str, str, str]):
+    """The timestep input, the indicators and the policy's cut into ``report`` (the cut's node counts), shared
+    by stacks and U-Nets; ``None`` when the cut declines (the reason, and the regions' node counts named
+    ``uncut``), else the partition."""
+    structure = state.structure
+    if structure.timestep_input is not None:
+        report.timestep_input = input_name(structure.timestep_input)
+    report.indicators = {k: v.name for k, v in structure.indicators.items()}
+    state.requirements = policy.requirements()
+    report.indicator_used = state.requirements.indicator
+    try:
+        run_stages(state, CUT)
+    except UnsupportedStructure as exc:
+        report.caching, report.reason = False, str(exc)
+        regions = (structure.prologue, structure.body, structure.epilogue)
+        report.node_counts = {name: len(nodes) for name, nodes in zip(uncut, regions)}
+        return None
+    partition = state.partition
+    report.node_counts = {"head": len(partition.head), "cached": len(partition.cached), "after": len(partition.after)}
+    return partition
+
+
 def _unet_report(state: PassState, policy, report: GraphReport) -> GraphReport:
-    structure, cut = state.structure, state.structure.unet
+    cut = state.structure.unet
     deep = example_value(cut.deep_feature)
     skips = ", ".join(s.skip.name for s in cut.level)
     report.unet = [
@@ -204,21 +214,9 @@ def _unet_report(state: PassState, policy, report: GraphReport) -> GraphReport:
         f"{str(deep.dtype).replace('torch.', '')}, entering the last up level: cached as a value (DeepCache); a "
         "reuse call skips the deeper down levels, the middle and the deeper up levels",
     ]
-    if structure.timestep_input is not None:
-        report.timestep_input = input_name(structure.timestep_input)
-    report.indicators = {k: v.name for k, v in structure.indicators.items()}
-    requirements = state.requirements = policy.requirements()
-    report.indicator_used = requirements.indicator
-    try:
-        run_stages(state, CUT)
-        partition = state.partition
-        report.node_counts = {"head": len(partition.head), "cached": len(partition.cached),
-                              "after": len(partition.after)}
+    partition = _cut(state, policy, report, uncut=("head", "cached", "after"))
+    if partition is not None:
         report.pairs = [(end.name, start.name, None) for start, end in partition.pairs]
-    except UnsupportedStructure as exc:
-        report.caching, report.reason = False, str(exc)
-        report.node_counts = {"head": len(structure.prologue), "cached": len(structure.body),
-                              "after": len(structure.epilogue)}
     return report
 
 

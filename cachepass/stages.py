@@ -43,7 +43,7 @@ import torch.fx as fx
 from . import graph_dump
 from ._logging import get_logger
 from .analysis.block_parts import BlockPart
-from .analysis.blocks import BlockStack, find_block_stack
+from .analysis.blocks import BlockStack, find_block_stack, stack_size
 from .analysis.dataflow import to_networkx
 from .analysis.indicators import find_indicators
 from .analysis.residual_stream import (
@@ -147,7 +147,9 @@ def checks(state: PassState) -> None:
     check_body(state.dataflow, state.body)
 
 
-def _pair_stream(state: PassState, order: dict):
+def pair_stream(state: PassState, order: dict) -> tuple[list[fx.Node], list]:
+    """The body inputs and the stream tensors of the body as ``state`` holds it (``order``: graph positions);
+    sets ``state.first_block``. Raises ``UnsupportedStructure`` when a body output pairs with nothing."""
     inputs, outputs = body_inputs(state.body, order), body_outputs(state.body, order)
     state.first_block = [n for n in state.stacks[0].blocks[0].nodes if n in state.body]
     block_nodes = {n for k in state.stacks for b in k.blocks for n in b.nodes}
@@ -167,16 +169,16 @@ def residual_stream(state: PassState) -> None:
         state.stream, state.side_inputs, state.stream_sources = [], inputs, set()
         return
     try:
-        inputs, state.stream = _pair_stream(state, order)
+        inputs, state.stream = pair_stream(state, order)
     except UnsupportedStructure as whole:
         if len(state.stacks) < 2:
             raise
         wide = (state.stacks, state.prologue, state.body, state.epilogue)
-        state.stacks = [max(state.stacks, key=lambda k: (len(k.blocks), sum(len(b.nodes) for b in k.blocks)))]
+        state.stacks = [max(state.stacks, key=lambda k: stack_size(k.blocks))]
         state.prologue, state.body, state.epilogue = split_regions(state.gm, state.stacks)
         try:
             check_body(state.dataflow, state.body)
-            inputs, state.stream = _pair_stream(state, order)
+            inputs, state.stream = pair_stream(state, order)
         except UnsupportedStructure:
             state.stacks, state.prologue, state.body, state.epilogue = wide
             raise whole from None

@@ -24,12 +24,11 @@ from torch import nn
 
 import cachepass
 from cachepass.analysis.features import resolve_feature
-from cachepass.analysis.residual_stream import body_inputs, body_outputs, find_residual_stream
 from cachepass.analysis.structure import analyse
 from cachepass.errors import UnsupportedStructure
 from cachepass.policies.base import EXAMPLE_IMAGE, EXAMPLE_TINY, Requirements
 from cachepass.reconstruction import ResidualReuse, TaylorReuse
-from cachepass.stages import BLOCK_STACK, CHECKS, CUT, REGIONS, TRANSFORM, PassState, run_stages
+from cachepass.stages import BLOCK_STACK, CHECKS, CUT, REGIONS, TRANSFORM, PassState, pair_stream, run_stages
 from cachepass.transform.invariants import check_partition
 from cachepass.transform.partition import JoinedStart
 from cachepass.transform.partition import partition as make_partition
@@ -425,12 +424,9 @@ def test_a_join_of_other_tensors_is_no_stream():
     assert structure.stream[0].input.target is torch.cat  # the span starts at the concatenation
     state = PassState(gm)  # the body of both stacks, as the stages find it before the narrowing
     run_stages(state, (BLOCK_STACK, REGIONS, CHECKS))
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    first = {n for n in state.stacks[0].blocks[0].nodes if n in state.body}
-    blocks = {n for k in state.stacks for b in k.blocks for n in b.nodes}
+    assert [k.parent for k in state.stacks] == ["joint", "solo"]
     with pytest.raises(UnsupportedStructure, match="has no body input of the same shape and dtype"):
-        find_residual_stream(state.dataflow, body_inputs(state.body, order), body_outputs(state.body, order),
-                             first, state.body, blocks)
+        pair_stream(state, {n: i for i, n in enumerate(gm.graph.nodes)})
 
 
 def test_stage_runner_reports_the_joined_pair(joined):

@@ -29,18 +29,18 @@ def test_foca_weights_are_exact_on_lines_and_damped_on_curves():
     np.testing.assert_allclose(foca_weights([0.0, -1.0, -2.0], 1.0, corrector=False), [2.5, -2.0, 0.5])
 
 
-def _wan():
+def _wan(steps: int = STEPS):
     from cachepass.demo.model import generate, load_digits_model, make_pipeline
 
     model = load_digits_model()
-    return model, make_pipeline, lambda pipe: generate(pipe, DIGITS, num_inference_steps=STEPS)
+    return model, make_pipeline, lambda pipe: generate(pipe, DIGITS, num_inference_steps=steps)
 
 
-def _flux():
+def _flux(steps: int = STEPS):
     from cachepass.demo.flux_model import generate_flux, load_digits_flux_model, make_flux_pipeline
 
     model = load_digits_flux_model()
-    return model, make_flux_pipeline, lambda pipe: generate_flux(pipe, DIGITS, num_inference_steps=STEPS)
+    return model, make_flux_pipeline, lambda pipe: generate_flux(pipe, DIGITS, num_inference_steps=steps)
 
 
 @pytest.fixture(scope="module", params=["wan", "flux"])
@@ -107,20 +107,16 @@ def test_the_default_policy_holds_on_both_models_from_the_first_generation(name)
     FluxPipeline states no step count). Measured (digit 3): Wan 14/50 per branch at 47.7 dB, FLUX 7/28 at
     36.7 dB. TeaCache, the old default, reached 21 dB on FLUX at 23-32 % of the steps: its coefficients
     were fitted on Wan."""
-    model, make_pipe, _ = _wan() if name == "wan" else _flux()
     steps = FULL_STEPS[name]
-    if name == "wan":
-        from cachepass.demo.model import generate as gen
-    else:
-        from cachepass.demo.flux_model import generate_flux as gen
+    model, make_pipe, gen = _wan(steps) if name == "wan" else _flux(steps)
     torch.set_num_threads(1)
     with torch.no_grad():
-        full = gen(make_pipe(model), DIGITS, num_inference_steps=steps)
+        full = gen(make_pipe(model))
     pipe = make_pipe(model)
     pipe.transformer = torch.compile(model, backend="cachepass", options={"inner": "eager"})
     try:
         with torch.no_grad():
-            first = gen(pipe, DIGITS, num_inference_steps=steps)
+            first = gen(pipe)
         stats = cachepass.stats(pipe.transformer)
     finally:
         torch._dynamo.reset()

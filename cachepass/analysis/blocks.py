@@ -54,6 +54,11 @@ def blocks_in_graph_order(gm: fx.GraphModule) -> list[Block]:
     return list(blocks.values())
 
 
+def stack_size(blocks: list[Block]) -> tuple[int, int]:
+    """How a run of blocks ranks against another: its block count, then its node count (the longest stack)."""
+    return len(blocks), sum(len(b.nodes) for b in blocks)
+
+
 def _runs(blocks: list[Block]) -> list[list[Block]]:
     runs: list[list[Block]] = []
     for block in blocks:
@@ -108,7 +113,7 @@ def find_block_stack(gm: fx.GraphModule) -> list[BlockStack]:
     runs = _runs(blocks_in_graph_order(gm))
     stacks = [i for i, run in enumerate(runs) if len(run) >= 2]
     if stacks:
-        main = max(stacks, key=lambda i: (len(runs[i]), sum(len(b.nodes) for b in runs[i])))
+        main = max(stacks, key=lambda i: stack_size(runs[i]))
         runs, main = _across_other_lists(runs, main)
     else:  # two lists whose blocks alternate (Latte: spatial, temporal, spatial, ...): no run of one list
         joined = [_across_other_lists(runs, i) for i in range(len(runs))]
@@ -117,7 +122,7 @@ def find_block_stack(gm: fx.GraphModule) -> list[BlockStack]:
             raise NoBlockStack(
                 "no block stack found: no run of two or more same-class blocks inside a ModuleList"
             )
-        runs, main = max(joined, key=lambda rm: (len(rm[0][rm[1]]), sum(len(b.nodes) for b in rm[0][rm[1]])))
+        runs, main = max(joined, key=lambda found: stack_size(found[0][found[1]]))
     stacks = [i for i, run in enumerate(runs) if len(run) >= 2]
     first = last = main
     while first - 1 in stacks:

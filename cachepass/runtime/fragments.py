@@ -386,7 +386,7 @@ class BlockPiece(_Located):
     uncached (and warns once) only when whole calls pass without any fragment leading; running inside a
     reused call, it says once that part of each block is not skipped, and how to keep the block whole."""
 
-    def __init__(self, compiled: Callable, identity: InstanceIdentity, reason: str, where: str = "") -> None:
+    def __init__(self, compiled: Callable, identity: InstanceIdentity, reason: str, where: str) -> None:
         self.compiled = compiled
         self.identity = identity
         self.reason = reason
