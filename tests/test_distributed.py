@@ -83,7 +83,8 @@ def reference():
     return out
 
 
-@pytest.mark.parametrize("world", [2, 4])
+# four ranks take 36 s on a 2-core machine: -m slow; two ranks keep the property in the default run
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_sequence_parallel_ranks_decide_alike_and_match_one_process(tmp_path, reference, world):
     assert launch(tmp_path, world, POLICIES, split=world == 4) == [0] * world
     ranks = load(tmp_path, world)

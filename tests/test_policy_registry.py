@@ -209,6 +209,7 @@ def _pytest_with_drift_registered(*args: str) -> str:
     return done.stdout
 
 
+@pytest.mark.slow  # two pytest runs in a subprocess, 27 s on a 2-core machine
 def test_the_registry_driven_tests_take_up_a_new_policy():
     """With the one registry line (in a fresh process, so that the tests' tables are built with it), the
     end-to-end and option tests run the new policy's examples and pass, and the digits test (minutes:

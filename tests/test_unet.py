@@ -322,6 +322,8 @@ UNETS = {
     "SD15": (build_sd15, tuple(STEPS), 0.12),
     "SDXL": (build_sdxl, tuple(STEPS), 0.12),
 }
+#: the SDXL layout (12 s) runs with -m slow; the SD 1.5 layout and the diffusers default stay in the default run
+SLOW_UNETS = {"SDXL"}
 
 
 def test_family_policy_none_equals_eager():
@@ -333,7 +335,8 @@ def test_family_policy_none_equals_eager():
         torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", list(UNETS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] if n in SLOW_UNETS else [])
+                                  for n in UNETS])
 def test_unet2dcondition_interval_skips_the_deep_levels(name):
     build, steps, bound = UNETS[name]
     model, call = build(0)
