@@ -29,6 +29,7 @@ from tiny_models import (
 import cachepass
 from cachepass.errors import OptionError
 from cachepass.options import parse_options
+from cachepass.runtime import signals
 from cachepass.runtime.placement import MAX_INFERRED_BRANCHES
 from cachepass.runtime.state import HISTORY, runtime_for
 
@@ -298,6 +299,35 @@ def test_the_pipeline_step_count_forces_the_last_step_from_the_first_generation(
     run_wan_pipeline(pipe, steps=6)
     assert [s.computed_steps for s in cachepass.stats(pipe.transformer).branches] == [[0, 4, 5], [0, 4, 5]]
 
+
+
+def test_a_pipeline_that_states_no_step_count_still_ends_its_first_generation_well():
+    """FluxPipeline's ``cache_context`` names the branch only; its progress bar's total, confirmed by its
+    scheduler, gives the step count, so the first generation computes its last step too (issue 15)."""
+    pipe = tiny_flux_pipeline()
+    pipe.transformer = torch.compile(pipe.transformer, backend="cachepass",
+                                     options={**INTERVAL, "interval": 4, "compute_last": True})
+    run_flux_pipeline(pipe, steps=6)
+    assert [s.computed_steps for s in cachepass.stats(pipe.transformer).branches] == [[0, 4, 5], [0, 4, 5]]
+    run_flux_pipeline(pipe, steps=7)  # each pipeline call states its own count
+    assert [s.computed_steps for s in cachepass.stats(pipe.transformer).branches] == [[0, 4, 6], [0, 4, 6]]
+    with pipe.transformer.cache_context("cond"):  # after the pipeline call, no count is left over
+        assert signals.current_signal(pipe.transformer._orig_mod).num_steps is None
+
+
+def test_a_progress_bar_counts_steps_only_when_the_scheduler_agrees():
+    from types import SimpleNamespace as NS
+
+    listed = NS(scheduler=NS(order=1, timesteps=list(range(28))))
+    assert signals.confirmed_loop_steps(listed, 28) == 28
+    assert signals.confirmed_loop_steps(listed, 12) is None  # a bar over something else
+    tail = NS(scheduler=NS(order=1, timesteps=list(range(28))), _num_timesteps=12)  # img2img's tail
+    assert signals.confirmed_loop_steps(tail, 12) == 12
+    second_order = NS(scheduler=NS(order=2, timesteps=list(range(55))), _num_timesteps=55)
+    assert signals.confirmed_loop_steps(second_order, 28) is None  # two calls a step
+    assert signals.confirmed_loop_steps(NS(), 28) is None  # no scheduler
+    for bad in (None, 0, -3, True, 2.5):
+        assert signals.confirmed_loop_steps(listed, bad) is None
 
 # --- 9. bounded memory ----------------------------------------------------------------------------
 

@@ -5,7 +5,8 @@ Two sources, the pipeline's own signals first (:mod:`cachepass.runtime.signals`)
 * **signalled** (diffusers pipelines): the branch is the ``cache_context`` name; the step is its
   ``step_index`` when given, else the branch's own call count (a pipeline calls each branch once per
   step, so a timestep that low-precision rounding repeats is still the next step); the
-  step count is its ``num_inference_steps`` when given, else the ``num_steps`` option. A request ends at
+  step count is its ``num_inference_steps`` when given, else the pipeline's confirmed progress-bar total
+  (:mod:`cachepass.runtime.signals`), else the ``num_steps`` option. A request ends at
   ``_reset_stateful_cache`` (the end of every pipeline call), when a branch comes back to a step it
   already passed (a restarted run), or when its timestep moves back or jumps (as below).
 * **inferred** (raw loops): the timestep alone. The same timestep as the previous call is another branch

@@ -1,8 +1,9 @@
 """What diffusers pipelines tell a denoiser about each call, read without changing the pipeline.
 
 diffusers pipelines wrap every denoiser call in ``model.cache_context(name, **fields)`` (the branch,
-``"cond"`` / ``"uncond"``; WanPipeline also the step index and step count) and end every pipeline call
-with ``maybe_free_model_hooks()``, which calls ``model._reset_stateful_cache()``. Two taps receive them:
+``"cond"`` / ``"uncond"``; WanPipeline also the step index and step count), open the denoising loop with
+``self.progress_bar(total=num_inference_steps)`` and end every pipeline call with
+``maybe_free_model_hooks()``, which calls ``model._reset_stateful_cache()``. Three taps receive them:
 
 * ``cache_context`` reaches the model through ``diffusers.hooks.hooks._set_cache_context``; cachepass
   wraps that function once, at import, to remember the context per module (weakly) and then runs the
@@ -15,6 +16,12 @@ with ``maybe_free_model_hooks()``, which calls ``model._reset_stateful_cache()``
   on that answer, so adding one after the first compile recompiles the model). A class with its own
   ``_reset_stateful_cache`` gets a stateful hook in its registry instead (:class:`RequestEndHook`), which
   wraps nothing.
+* the step count of a pipeline whose ``cache_context`` does not state one (FluxPipeline) is the ``total``
+  of ``DiffusionPipeline.progress_bar``, wrapped once at import; it is taken only when the pipeline's
+  scheduler confirms it (one call per timestep: ``scheduler.order`` 1, and ``len(scheduler.timesteps)``
+  or the pipeline's ``_num_timesteps`` equal to it), and told to the pipeline's own modules until their
+  pipeline call ends. A count that is wrong could only make a policy compute more: a schedule computes
+  its "last" step early, and a branch that runs past the count starts afresh.
 
 Where diffusers is missing or has neither entry point, both taps stay off and placement falls back to
 the timesteps (:mod:`cachepass.runtime.placement`).
@@ -23,6 +30,9 @@ the timesteps (:mod:`cachepass.runtime.placement`).
 from __future__ import annotations
 
 import functools
+import importlib.abc
+import importlib.util
+import sys
 import weakref
 from dataclasses import dataclass
 from typing import Callable
@@ -49,16 +59,26 @@ _CONTEXTS: "weakref.WeakKeyDictionary[torch.nn.Module, PipelineSignal | None]" =
 _installed = False
 
 
-def _as_signal(context) -> PipelineSignal | None:
+#: per module: the step count its pipeline's progress bar stated for the pipeline call now running
+_LOOP_STEPS: "weakref.WeakKeyDictionary[torch.nn.Module, int]" = weakref.WeakKeyDictionary()
+
+
+def _count(value) -> int | None:
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _as_signal(context, module=None) -> PipelineSignal | None:
     if context is None:
         return None
     name = getattr(context, "name", context)
     step = getattr(context, "step_index", None)
-    steps = getattr(context, "num_inference_steps", None)
+    steps = _count(getattr(context, "num_inference_steps", None))
+    if steps is None and module is not None:
+        steps = _LOOP_STEPS.get(module)
     return PipelineSignal(
         str(name),
         int(step) if isinstance(step, int) and not isinstance(step, bool) else None,
-        int(steps) if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0 else None,
+        steps,
     )
 
 
@@ -83,7 +103,7 @@ def install() -> bool:
     def _set_cache_context(module, context):
         result = original(module, context)
         try:
-            _CONTEXTS[module] = _as_signal(context)
+            _CONTEXTS[module] = _as_signal(context, module)
         except TypeError:  # a module that cannot be weakly referenced: no signal for it
             pass
         return result
@@ -91,6 +111,7 @@ def install() -> bool:
     _set_cache_context.__cachepass_tap__ = True
     diffusers_hooks._set_cache_context = _set_cache_context
     _tap_request_end()
+    _tap_progress_bar()
     _installed = True
     return True
 
@@ -115,6 +136,7 @@ def _tap_request_end() -> None:
     def _reset_stateful_cache(self, *args, **kwargs):
         result = original(self, *args, **kwargs)
         recurse = kwargs.get("recurse", args[0] if args else True)
+        _LOOP_STEPS.pop(self, None)  # the pipeline call ended: its loop's step count with it
         if _END_WATCHERS:
             for module in (self.modules() if recurse else (self,)):
                 on_end = _END_WATCHERS.get(module)
@@ -124,6 +146,94 @@ def _tap_request_end() -> None:
 
     _reset_stateful_cache.__cachepass_tap__ = True
     CacheMixin._reset_stateful_cache = _reset_stateful_cache
+
+
+def confirmed_loop_steps(pipeline, total) -> int | None:
+    """``total`` when the pipeline's scheduler confirms it is the number of denoiser steps to come: one
+    call per timestep (``scheduler.order`` 1) and ``len(scheduler.timesteps)`` or the pipeline's
+    ``_num_timesteps`` equal to it; else ``None`` (a progress bar over something else: refinement
+    blocks, an img2img tail the scheduler does not list, a second-order scheduler's two calls a step)."""
+    total = _count(total)
+    scheduler = getattr(pipeline, "scheduler", None)
+    if total is None or scheduler is None or getattr(scheduler, "order", 1) != 1:
+        return None
+    timesteps = getattr(scheduler, "timesteps", None)
+    try:
+        listed = len(timesteps) if timesteps is not None else None
+    except TypeError:
+        listed = None
+    return total if total in (listed, _count(getattr(pipeline, "_num_timesteps", None))) else None
+
+
+def _pipeline_modules(pipeline):
+    """The pipeline's ``nn.Module`` components (its instance attributes: reading config entries through
+    the pipeline would warn), each as the module its ``cache_context`` reaches (the original of a
+    ``torch.compile`` wrapper)."""
+    for component in list(vars(pipeline).values()):
+        if isinstance(component, torch.nn.Module):
+            yield getattr(component, "_orig_mod", component)
+
+
+PIPELINE_MODULE = "diffusers.pipelines.pipeline_utils"
+
+
+def _tap_progress_bar() -> None:
+    """Wrap ``DiffusionPipeline.progress_bar`` once its module is imported (importing it here would add
+    two seconds to ``import cachepass``, for users without pipelines too): now if it is loaded, else
+    right after its import (:class:`_AfterImport`)."""
+    module = sys.modules.get(PIPELINE_MODULE)
+    if module is not None:
+        _wrap_progress_bar(module)
+    elif not any(isinstance(f, _AfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport())
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Finds :data:`PIPELINE_MODULE` with the other finders and runs :func:`_wrap_progress_bar` after the
+    module body; then steps aside."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != PIPELINE_MODULE:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        run_body = spec.loader.exec_module
+
+        def exec_module(module):
+            run_body(module)
+            _wrap_progress_bar(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def _wrap_progress_bar(pipeline_utils) -> None:
+    """A confirmed ``total`` (:func:`confirmed_loop_steps`) becomes the step count of the pipeline's
+    modules until their pipeline call ends."""
+    cls = getattr(pipeline_utils, "DiffusionPipeline", None)
+    original = getattr(cls, "__dict__", {}).get("progress_bar")
+    if original is None or getattr(original, "__cachepass_tap__", False):
+        return
+
+    @functools.wraps(original)
+    def progress_bar(self, iterable=None, total=None):
+        result = original(self, iterable=iterable, total=total)
+        try:
+            steps = confirmed_loop_steps(self, total)
+            for module in _pipeline_modules(self):
+                if steps is None:
+                    _LOOP_STEPS.pop(module, None)
+                else:
+                    _LOOP_STEPS[module] = steps
+        except Exception as exc:  # never let the tap break a pipeline: no count, as before
+            log.debug("cachepass: no step count from %s's progress bar (%s)", type(self).__name__, exc)
+        return result
+
+    progress_bar = torch.compiler.disable(progress_bar)  # as the original is: Dynamo never traces it
+    progress_bar.__cachepass_tap__ = True
+    cls.progress_bar = progress_bar
 
 
 def current_signal(module) -> PipelineSignal | None:
