@@ -15,8 +15,8 @@ Fast settings (inner ``eager``, one thread, two digits): a few minutes on a CPU:
     python benchmarks/frontier.py --models flux --policies foca speca --steps 50
     python benchmarks/frontier.py --json out.json
 
-FluxPipeline states no step count, so the FLUX runs pass ``num_steps`` (``--no-num-steps`` leaves it out,
-to see the first generation of a policy that then knows no step count).
+FluxPipeline's step count comes from its progress bar (:mod:`cachepass.runtime.signals`); the FLUX runs
+also pass ``num_steps`` (``--no-num-steps`` leaves it out: the same rows).
 """
 
 from __future__ import annotations
