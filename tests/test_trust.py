@@ -17,9 +17,11 @@ from conftest import count_attention_calls, relative_l1
 from tiny_models import (
     flux_inputs,
     run_flux_pipeline,
+    run_sd3_pipeline,
     run_wan_pipeline,
     tiny_flux,
     tiny_flux_pipeline,
+    tiny_sd3_pipeline,
     tiny_wan,
     tiny_wan_pipeline,
     tiny_wan_two_expert_pipeline,
@@ -314,6 +316,38 @@ def test_a_pipeline_that_states_no_step_count_still_ends_its_first_generation_we
     with pipe.transformer.cache_context("cond"):  # after the pipeline call, no count is left over
         assert signals.current_signal(pipe.transformer._orig_mod).num_steps is None
 
+
+
+def test_a_pipeline_without_cache_context_gets_its_step_count_from_its_progress_bar():
+    """StableDiffusion3Pipeline sets no ``cache_context`` (calls are placed by timestep): its confirmed
+    progress-bar total still forces the last step from the first generation, and holds only while its
+    loop runs: a raw call after the pipeline has no step count."""
+    pipe = tiny_sd3_pipeline()
+    model = pipe.transformer
+    pipe.transformer = torch.compile(model, backend="cachepass",
+                                     options={**INTERVAL, "interval": 4, "compute_last": True})
+    first = run_sd3_pipeline(pipe, steps=6)
+    assert [s.computed_steps for s in cachepass.stats(pipe.transformer).branches] == [[0, 4, 5]]
+    assert torch.equal(run_sd3_pipeline(pipe, steps=6), first)
+    assert signals.loop_steps(model) is None
+
+
+def test_a_progress_bar_count_ends_with_its_own_bar():
+    from types import SimpleNamespace as NS
+
+    from diffusers import DiffusionPipeline
+
+    module = torch.nn.Linear(2, 2)
+    pipe = NS(scheduler=NS(order=1, timesteps=list(range(5))), model=module)
+    earlier = DiffusionPipeline.progress_bar(pipe, total=5)
+    later = DiffusionPipeline.progress_bar(pipe, total=5)  # a second loop before the first bar closed
+    assert signals.loop_steps(module) == 5
+    earlier.close()  # closing (or collecting) the earlier bar leaves the running loop's count
+    assert signals.loop_steps(module) == 5
+    later.close()
+    assert signals.loop_steps(module) is None
+    with DiffusionPipeline.progress_bar(pipe, total=4):  # not what the scheduler lists: no count
+        assert signals.loop_steps(module) is None
 
 def test_a_progress_bar_counts_steps_only_when_the_scheduler_agrees():
     from types import SimpleNamespace as NS

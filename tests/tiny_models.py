@@ -137,6 +137,31 @@ def tiny_wan_two_expert_pipeline(high=None, low=None, boundary_ratio: float = 0.
                        boundary_ratio=boundary_ratio)
 
 
+def tiny_sd3_pipeline(seed: int = 0):
+    """diffusers' real StableDiffusion3Pipeline (no text encoders or VAE): it calls its transformer once per
+    step (CFG batched) and wraps no call in ``cache_context``, so cachepass places calls by timestep."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=12, out_channels=4,
+        pos_embed_max_size=16).eval()
+    return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=None,
+                                    text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                    text_encoder_3=None, tokenizer_3=None)
+
+
+def run_sd3_pipeline(pipe, steps: int = 6, seed: int = 0):
+    g = torch.Generator().manual_seed(1)
+    embeds = dict(prompt_embeds=torch.randn(1, 6, 16, generator=g), pooled_prompt_embeds=torch.randn(1, 12, generator=g),
+                  negative_prompt_embeds=torch.randn(1, 6, 16, generator=g),
+                  negative_pooled_prompt_embeds=torch.randn(1, 12, generator=g))
+    with torch.no_grad():
+        return pipe(**embeds, height=64, width=64, num_inference_steps=steps, guidance_scale=4.0,
+                    output_type="latent", generator=torch.Generator().manual_seed(seed)).images
+
+
 def tiny_flux_pipeline(transformer=None):
     """diffusers' real FluxPipeline with no text encoders or VAE (packed latents out)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline

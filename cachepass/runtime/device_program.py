@@ -118,17 +118,17 @@ class DeviceProgram(CachedProgram):
     def _new_branch(self):
         return None, DeviceCache()
 
-    def _run(self, runtime: ModelRuntime, signal, args):
+    def _run(self, runtime: ModelRuntime, signal, args, loop_steps: int | None = None):
         if self.sync.world_size > 1:
             warn_once(log, ("device-decisions-sync", id(self.host)),
                       "cachepass: decisions='device' does not sum statistics over sequence-parallel ranks; "
                       "this program decides on the host")
-            return self.host._run(runtime, signal, args)
+            return self.host._run(runtime, signal, args, loop_steps)
         head_out = tuple(self.head(*args))
         indicator, exported = head_out[0], head_out[1:]
 
         t = timestep_key(args[self.timestep_index]) if self._reads_timestep(signal) else None
-        placement = runtime.place(signal, t, self.num_steps)
+        placement = runtime.place(signal, t, loop_steps or self.num_steps)
         certain = placement.certain
         branch = runtime.branch(placement, self, call_signature(args, self.input_indices), self._new_branch,
                                 certain)

@@ -342,7 +342,8 @@ class FragmentProgram(_Located, CachedProgram):
                     _watch(runtime, outer)
                     self._local.tracker = tracker
                     try:
-                        out = self._run(runtime, signals.current_signal(outer), args)
+                        out = self._run(runtime, signals.current_signal(outer), args,
+                                        signals.loop_steps(outer))
                     finally:
                         self._local.tracker = None
                     return out

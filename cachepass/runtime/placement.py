@@ -13,7 +13,8 @@ Two sources, the pipeline's own signals first (:mod:`cachepass.runtime.signals`)
   of the same step; a timestep moving on along the trajectory is the next step; one moving back, or
   jumping more than ``JUMP`` times the previous gap (an img2img run starting lower after a cancelled
   one), starts a new request. Without a timestep input each call is a step; ``num_steps`` or
-  ``cachepass.reset`` end requests.
+  ``cachepass.reset`` end requests. The step count is the pipeline's confirmed progress-bar total while
+  its loop runs (a pipeline without ``cache_context``, StableDiffusion3Pipeline), else ``num_steps``.
 
 A repeated timestep is ambiguous: another CFG branch, or a new request at the same timestep (a warm-up
 call, then the generation). Until the branch count is established (a later step has as many calls as

@@ -133,15 +133,15 @@ class CachedProgram:
         runtime = runtime_for(owner)
         with runtime.lock:
             _watch(runtime, owner)
-            return self._run(runtime, signals.current_signal(owner), args)
+            return self._run(runtime, signals.current_signal(owner), args, signals.loop_steps(owner))
 
-    def _run(self, runtime: ModelRuntime, signal, args):
+    def _run(self, runtime: ModelRuntime, signal, args, loop_steps: int | None = None):
         head_out = tuple(self.head(*args))
         indicator = head_out[0] if self.has_indicator else None
         exported = head_out[1:] if self.has_indicator else head_out
 
         t = self._timestep(args, signal)
-        placement = runtime.place(signal, t, self.num_steps)
+        placement = runtime.place(signal, t, loop_steps or self.num_steps)  # the pipeline's count wins
         # a policy that never reuses (calibration's recorder) keeps its branch through uncertain calls
         certain = placement.certain or not self.reuses
         branch = runtime.branch(placement, self, call_signature(args, self.input_indices), self._new_branch,

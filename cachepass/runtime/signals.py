@@ -16,12 +16,15 @@ diffusers pipelines wrap every denoiser call in ``model.cache_context(name, **fi
   on that answer, so adding one after the first compile recompiles the model). A class with its own
   ``_reset_stateful_cache`` gets a stateful hook in its registry instead (:class:`RequestEndHook`), which
   wraps nothing.
-* the step count of a pipeline whose ``cache_context`` does not state one (FluxPipeline) is the ``total``
-  of ``DiffusionPipeline.progress_bar``, wrapped once at import; it is taken only when the pipeline's
-  scheduler confirms it (one call per timestep: ``scheduler.order`` 1, and ``len(scheduler.timesteps)``
-  or the pipeline's ``_num_timesteps`` equal to it), and told to the pipeline's own modules until their
-  pipeline call ends. A count that is wrong could only make a policy compute more: a schedule computes
-  its "last" step early, and a branch that runs past the count starts afresh.
+* the step count of a pipeline whose ``cache_context`` states none (FluxPipeline), or that sets no
+  ``cache_context`` at all (StableDiffusion3Pipeline, PixArt, the U-Net pipelines), is the ``total`` of
+  ``DiffusionPipeline.progress_bar``, wrapped once the pipeline module is imported. It is taken only
+  when the pipeline's scheduler confirms it (one call per timestep: ``scheduler.order`` 1, and
+  ``len(scheduler.timesteps)`` or the pipeline's ``_num_timesteps`` equal to it), and it holds for the
+  pipeline's own modules while that loop runs: until its bar closes (the end of the ``with`` block, or
+  the bar's collection) or the pipeline call ends. A count that is wrong could only make a policy
+  compute more: a schedule computes its "last" step early, and a branch that runs past the count
+  starts afresh.
 
 Where diffusers is missing or has neither entry point, both taps stay off and placement falls back to
 the timesteps (:mod:`cachepass.runtime.placement`).
@@ -59,8 +62,22 @@ _CONTEXTS: "weakref.WeakKeyDictionary[torch.nn.Module, PipelineSignal | None]" =
 _installed = False
 
 
-#: per module: the step count its pipeline's progress bar stated for the pipeline call now running
-_LOOP_STEPS: "weakref.WeakKeyDictionary[torch.nn.Module, int]" = weakref.WeakKeyDictionary()
+class _LoopCount(int):
+    """A confirmed progress-bar total; one object per denoising loop, so only its own bar forgets it."""
+
+
+#: per module: the step count its pipeline's progress bar stated for the denoising loop now running
+_LOOP_STEPS: "weakref.WeakKeyDictionary[torch.nn.Module, _LoopCount]" = weakref.WeakKeyDictionary()
+
+
+def loop_steps(module) -> int | None:
+    """The step count of the denoising loop now running ``module``, from its pipeline's progress bar
+    (``None``: no loop, or one its scheduler did not confirm). Stated between the bar's opening and its
+    closing (the end of the ``with`` block, or the bar's collection) or the end of the pipeline call."""
+    if not isinstance(module, torch.nn.Module):
+        return None
+    count = _LOOP_STEPS.get(module)
+    return None if count is None else int(count)
 
 
 def _count(value) -> int | None:
@@ -74,7 +91,7 @@ def _as_signal(context, module=None) -> PipelineSignal | None:
     step = getattr(context, "step_index", None)
     steps = _count(getattr(context, "num_inference_steps", None))
     if steps is None and module is not None:
-        steps = _LOOP_STEPS.get(module)
+        steps = loop_steps(module)
     return PipelineSignal(
         str(name),
         int(step) if isinstance(step, int) and not isinstance(step, bool) else None,
@@ -222,11 +239,15 @@ def _wrap_progress_bar(pipeline_utils) -> None:
         result = original(self, iterable=iterable, total=total)
         try:
             steps = confirmed_loop_steps(self, total)
-            for module in _pipeline_modules(self):
-                if steps is None:
+            count = None if steps is None else _LoopCount(steps)
+            modules = list(_pipeline_modules(self))
+            for module in modules:
+                if count is None:
                     _LOOP_STEPS.pop(module, None)
                 else:
-                    _LOOP_STEPS[module] = steps
+                    _LOOP_STEPS[module] = count
+            if count is not None:
+                _forget_on_close(result, modules, count)
         except Exception as exc:  # never let the tap break a pipeline: no count, as before
             log.debug("cachepass: no step count from %s's progress bar (%s)", type(self).__name__, exc)
         return result
@@ -234,6 +255,29 @@ def _wrap_progress_bar(pipeline_utils) -> None:
     progress_bar = torch.compiler.disable(progress_bar)  # as the original is: Dynamo never traces it
     progress_bar.__cachepass_tap__ = True
     cls.progress_bar = progress_bar
+
+
+def _forget_on_close(bar, modules, count: _LoopCount) -> None:
+    """When the bar closes (its ``with`` block ends, or it is collected), its count stops holding for
+    ``modules``: a model called after the loop, outside any pipeline, has no step count."""
+    close = getattr(bar, "close", None)
+    if not callable(close):
+        return
+    refs = [weakref.ref(m) for m in modules]
+
+    def close_and_forget(*args, **kwargs):
+        try:
+            return close(*args, **kwargs)
+        finally:
+            for ref in refs:
+                module = ref()
+                if module is not None and _LOOP_STEPS.get(module) is count:
+                    del _LOOP_STEPS[module]
+
+    try:
+        bar.close = close_and_forget
+    except (AttributeError, TypeError):
+        pass
 
 
 def current_signal(module) -> PipelineSignal | None:
