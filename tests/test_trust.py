@@ -348,6 +348,9 @@ def test_a_progress_bar_count_ends_with_its_own_bar():
     assert signals.loop_steps(module) is None
     with DiffusionPipeline.progress_bar(pipe, total=4):  # not what the scheduler lists: no count
         assert signals.loop_steps(module) is None
+    with DiffusionPipeline.progress_bar(pipe, pipe.scheduler.timesteps):  # a bar over the timesteps
+        assert signals.loop_steps(module) == 5
+    assert signals.loop_steps(module) is None
 
 def test_a_progress_bar_counts_steps_only_when_the_scheduler_agrees():
     from types import SimpleNamespace as NS

@@ -227,8 +227,9 @@ class _AfterImport(importlib.abc.MetaPathFinder):
 
 
 def _wrap_progress_bar(pipeline_utils) -> None:
-    """A confirmed ``total`` (:func:`confirmed_loop_steps`) becomes the step count of the pipeline's
-    modules until their pipeline call ends."""
+    """A confirmed ``total`` (:func:`confirmed_loop_steps`; the length of ``iterable`` when the bar is
+    over one, ``self.progress_bar(timesteps)``) becomes the step count of the pipeline's modules while
+    the loop runs (:func:`_forget_on_close`)."""
     cls = getattr(pipeline_utils, "DiffusionPipeline", None)
     original = getattr(cls, "__dict__", {}).get("progress_bar")
     if original is None or getattr(original, "__cachepass_tap__", False):
@@ -238,6 +239,8 @@ def _wrap_progress_bar(pipeline_utils) -> None:
     def progress_bar(self, iterable=None, total=None):
         result = original(self, iterable=iterable, total=total)
         try:
+            if total is None and iterable is not None and hasattr(iterable, "__len__"):
+                total = len(iterable)
             steps = confirmed_loop_steps(self, total)
             count = None if steps is None else _LoopCount(steps)
             modules = list(_pipeline_modules(self))
