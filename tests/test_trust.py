@@ -352,6 +352,18 @@ def test_a_progress_bar_count_ends_with_its_own_bar():
         assert signals.loop_steps(module) == 5
     assert signals.loop_steps(module) is None
 
+
+@pytest.mark.parametrize("order", ["cachepass first", "diffusers first"])
+def test_the_progress_bar_is_tapped_whichever_is_imported_first(order):
+    import subprocess
+    import sys
+
+    imports = ["import cachepass", "from diffusers import DiffusionPipeline"]
+    code = "; ".join((imports if order == "cachepass first" else imports[::-1]) + [
+        "assert getattr(DiffusionPipeline.progress_bar, '__cachepass_tap__', False)"])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
 def test_a_progress_bar_counts_steps_only_when_the_scheduler_agrees():
     from types import SimpleNamespace as NS
 

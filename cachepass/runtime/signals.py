@@ -212,15 +212,21 @@ class _AfterImport(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name != PIPELINE_MODULE:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
+        try:
+            sys.meta_path.remove(self)
+            spec = importlib.util.find_spec(name)
+        except Exception:  # never in the way of diffusers' own import: the other finders take it from here
+            return None
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         run_body = spec.loader.exec_module
 
         def exec_module(module):
             run_body(module)
-            _wrap_progress_bar(module)
+            try:
+                _wrap_progress_bar(module)
+            except Exception as exc:  # no count from progress bars; the import itself stands
+                log.debug("cachepass: DiffusionPipeline.progress_bar not tapped (%s)", exc)
 
         spec.loader.exec_module = exec_module
         return spec
