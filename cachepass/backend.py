@@ -123,7 +123,7 @@ def _never_reused(*args):
 
 def settings_key(settings: Settings) -> tuple:
     """What tells one compile's options from another's (stats count the calls of the current one)."""
-    return settings.policy_name, repr(settings.policy.config), settings.num_steps
+    return settings.policy_name, repr(settings.policy.config), settings.num_steps, settings.branches
 
 
 def signature_inputs(placeholders) -> list[int]:
@@ -236,7 +236,7 @@ def _compile(gm, example_inputs, settings: Settings, root, state: PassState, con
         pieces["head"], pieces["compute"], pieces["reuse"],
         policy=settings.policy, reconstruction=requirements.reconstruction, settings_key=key,
         num_steps=settings.num_steps, sync=DecisionSync(settings.sync, settings.process_group),
-        identity=identity, input_indices=signature_inputs(placeholders),
+        branches=settings.branches, identity=identity, input_indices=signature_inputs(placeholders),
         has_indicator=variants.has_indicator, num_outputs=variants.num_outputs,
         num_cache_writes=variants.num_cache_writes, timestep_index=timestep_index, reuses=requirements.reuses,
         layout=(key, variants.num_outputs, variants.num_cache_writes, variants.has_indicator,

@@ -19,15 +19,18 @@ from .policies.base import MAX_STEPS, Invalid, integer, native, show
 from .runtime.distributed import validate_sync_options
 
 #: TaylorSeer at interval 4: a fixed schedule needs no coefficients fitted on one model, and it holds on
-#: both embedded models (Wan 50 steps: 14/50 computed, FLUX 28 steps without a step count: 7/28, both
-#: above 35 dB from the first generation; docs/policies.md). TeaCache's Wan-fitted coefficients
-#: computed the wrong steps on the FLUX model (21 dB at 32 %).
+#: both embedded models (Wan 50 steps: 14/50 computed, FLUX 28 steps: 8/28, both above 40 dB from the
+#: first generation; docs/policies.md). TeaCache's Wan-fitted coefficients computed the wrong steps on
+#: the FLUX model (21 dB at 32 %).
 DEFAULT_POLICY = "taylorseer"
 INNER_CHOICES = ("inductor", "eager")
 DECISIONS_CHOICES = ("host", "device")
+#: "together": in each step the first branch (cond) decides and the others follow, each on its own cache
+#: (as one batched CFG call would); "apart": every branch decides on its own indicator
+BRANCHES_CHOICES = ("together", "apart")
 
 #: Options every policy accepts; everything else belongs to the chosen policy's config.
-COMMON_OPTIONS = ("policy", "inner", "num_steps", "sync", "process_group", "debug_dir", "decisions")
+COMMON_OPTIONS = ("policy", "inner", "num_steps", "sync", "process_group", "debug_dir", "decisions", "branches")
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,9 @@ class Settings:
     #: "host": the policy decides in Python between the compiled pieces; "device": one compiled step graph
     #: decides with torch.cond, its state on the device (runtime/device_program.py)
     decisions: str = "host"
+    #: "together": the later CFG branches of a step take the first branch's decision (never its data);
+    #: "apart": each decides alone (runtime/program.py)
+    branches: str = "together"
 
     @property
     def policy_name(self) -> str:
@@ -124,6 +130,10 @@ def parse_options(options: Mapping[str, Any] | None) -> Settings:
     if not isinstance(decisions, str) or decisions not in DECISIONS_CHOICES:
         raise OptionError(f"option 'decisions' must be one of {', '.join(map(repr, DECISIONS_CHOICES))}; "
                           f"got {show(decisions)}")
+    branches = options.pop("branches", "together")
+    if not isinstance(branches, str) or branches not in BRANCHES_CHOICES:
+        raise OptionError(f"option 'branches' must be one of {', '.join(map(repr, BRANCHES_CHOICES))}; "
+                          f"got {show(branches)}")
 
     fields = {f.name for f in dataclasses.fields(policy_cls.config_class)}
     unknown = sorted(set(options) - fields)
@@ -136,4 +146,4 @@ def parse_options(options: Mapping[str, Any] | None) -> Settings:
     config = policy_cls.config_class(**options)
     config.validate()
     return Settings(policy=policy_cls(config), inner=inner, num_steps=num_steps, sync=sync,
-                    process_group=process_group, debug_dir=debug_dir, decisions=decisions)
+                    process_group=process_group, debug_dir=debug_dir, decisions=decisions, branches=branches)

@@ -451,3 +451,16 @@ def test_threshold_search_replays_an_unbounded_threshold():
     """Policies take finite thresholds only; the search's "no limit" replay still works."""
     search, _, _ = _search("magcache", synthetic_recording(), "timestep_embedding", 4, {})
     assert search.count(math.inf) == search.count(1e300)
+
+
+def test_replays_take_the_first_branchs_steps_as_the_runtime_does():
+    """branches="together" (the default): a later branch computes where its generation's first branch did
+    (and its own first call), and decides alone past the steps the first branch reached."""
+    from types import SimpleNamespace as NS
+
+    from cachepass.calibration.threshold import follow_first_branch
+
+    trajs = [NS(generation=0, branch_index=0, num_steps=6), NS(generation=0, branch_index=1, num_steps=8),
+             NS(generation=1, branch_index=1, num_steps=6)]  # generation 1 recorded no first branch
+    computed = [[0, 3, 5], [0, 1, 6, 7], [0, 4]]
+    assert follow_first_branch(trajs, computed) == [[0, 3, 5], [0, 3, 5, 6, 7], [0, 4]]

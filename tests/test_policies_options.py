@@ -41,6 +41,8 @@ BAD = [
     ("dbcache", "Fn", 0),
     ("dbcache", "Bn", -1),
     ("dbcache", "taylor", 5),
+    ("teacache", "branches", "joint"),
+    ("fbcache", "branches", True),
 ]
 
 

@@ -79,6 +79,23 @@ def replay_trajectory(policy: Policy, traj: Trajectory, indicator: str | None) -
     return computed
 
 
+def follow_first_branch(trajs: list[Trajectory], computed: list[list[int]]) -> list[list[int]]:
+    """The computed steps as the runtime takes them with ``branches="together"`` (the default,
+    :mod:`cachepass.runtime.joint_decisions`): a later branch computes where its generation's first branch
+    did, and decides alone at steps the first branch did not reach; its first call always computes."""
+    lead = {t.generation: (t.num_steps, set(c)) for t, c in zip(trajs, computed) if t.branch_index == 0}
+    out = []
+    for traj, own in zip(trajs, computed):
+        first = lead.get(traj.generation)
+        if traj.branch_index == 0 or first is None:
+            out.append(own)
+            continue
+        reach, steps = first
+        followed = {s for s in range(min(reach, traj.num_steps)) if s in steps}
+        out.append(sorted(followed | {s for s in own if s >= reach} | {0}))
+    return out
+
+
 def predicted_error(traj: Trajectory, computed: list[int]) -> float:
     """Mean over the trajectory's calls of the stack-output error reuse makes (0 on computed calls)."""
     total, last, computed_set = 0.0, 0, set(computed)
@@ -103,7 +120,7 @@ class ThresholdSearch:
         if threshold not in self._cache:
             policy = self.make(threshold)
             trajs = self.recording.trajectories
-            computed = [replay_trajectory(policy, t, self.indicator) for t in trajs]
+            computed = follow_first_branch(trajs, [replay_trajectory(policy, t, self.indicator) for t in trajs])
             errors = [predicted_error(t, c) for t, c in zip(trajs, computed)]
             self._cache[threshold] = Replay(threshold, computed, errors, [t.branch_index for t in trajs])
         return self._cache[threshold]

@@ -520,7 +520,7 @@ def split_graph_program(gm, example_inputs, settings, root, identity: InstanceId
     program = FragmentProgram(
         pieces["head"], pieces["compute"], pieces["reuse"],
         policy=settings.policy, reconstruction=chosen.reconstruction, settings_key=key, num_steps=settings.num_steps,
-        sync=_sync(settings), identity=identity, input_indices=signature_inputs(placeholders),
+        sync=_sync(settings), branches=settings.branches, identity=identity, input_indices=signature_inputs(placeholders),
         has_indicator=variants.has_indicator, num_outputs=variants.num_outputs,
         num_cache_writes=variants.num_cache_writes,
         timestep_index=placeholders.index(t) if t is not None else None, reuses=chosen.reuses,
@@ -602,7 +602,7 @@ def block_graph_program(gm, example_inputs, settings, root, outer, identity: Ins
     describe = f"fragment: {where}; residual pair(s) {shown}"
     program = FragmentProgram(
         _no_head, compute, reuse, policy=settings.policy, reconstruction=chosen.reconstruction, settings_key=key,
-        num_steps=settings.num_steps, sync=_sync(settings), identity=identity,
+        num_steps=settings.num_steps, sync=_sync(settings), branches=settings.branches, identity=identity,
         input_indices=signature_inputs(placeholders), has_indicator=False, num_outputs=graphs.num_outputs,
         num_cache_writes=graphs.num_cache_writes, timestep_index=None, reuses=chosen.reuses,
         layout=(key, "block graph", graphs.num_outputs, graphs.num_cache_writes,

@@ -84,6 +84,7 @@ class CachedProgram:
         num_steps: int | None,
         sync,
         identity: InstanceIdentity,
+        branches: str = "together",
         input_indices: Sequence[int],
         has_indicator: bool,
         num_outputs: int,
@@ -101,6 +102,7 @@ class CachedProgram:
         self.num_steps = num_steps
         self.sync = sync
         self.identity = identity
+        self.branches_together = branches == "together"
         self.input_indices = tuple(input_indices)
         self.has_indicator = has_indicator
         self.num_outputs = num_outputs
@@ -149,8 +151,12 @@ class CachedProgram:
         ctx = CallContext(placement.request, placement.step, placement.branch_index, placement.num_steps,
                           t if isinstance(t, float) else None, self.sync, placement.branch)
         compute = self.policy.decide(branch.policy_state, ctx, indicator)
+        if self.branches_together:
+            compute = runtime.steps.follow(placement, compute)
         branch.cache.note_time(placement.step, ctx.timestep)  # real-time predictions (reconstruction/foca.py)
         compute = compute or not certain or not branch.cache.ready()
+        if self.branches_together:
+            runtime.steps.lead(placement, compute)
         self._decided(branch, placement, ctx, compute)
         if not certain and placement.doubt not in runtime.doubts:
             runtime.doubts.add(placement.doubt)

@@ -24,6 +24,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .._deprecation import renamed_attribute, renamed_module_attributes
 from .._dynamo import unwrap
 from ..reconstruction import ReuseCache
+from .joint_decisions import StepLeader
 from .placement import Placement, Placer
 
 #: previous requests kept in ``stats().history``
@@ -119,6 +120,7 @@ class ModelRuntime:
     def __init__(self) -> None:
         self.lock = threading.RLock()
         self.placer = Placer()
+        self.steps = StepLeader()  # the first branch's decision, for the branches that follow it
         self.branches: dict[Any, BranchState] = {}
         self.history: deque[list[BranchStats]] = deque(maxlen=HISTORY + 1)  # + the last, between requests
         self.counters: dict[Any, list[int]] = {}  # per compile settings: [calls, computed calls]
