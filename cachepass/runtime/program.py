@@ -151,12 +151,11 @@ class CachedProgram:
         ctx = CallContext(placement.request, placement.step, placement.branch_index, placement.num_steps,
                           t if isinstance(t, float) else None, self.sync, placement.branch)
         compute = self.policy.decide(branch.policy_state, ctx, indicator)
-        if self.branches_together:
+        if self.branches_together:  # the policy's decision is shared, not a branch's own fallbacks below
+            runtime.steps.lead(placement, compute)
             compute = runtime.steps.follow(placement, compute)
         branch.cache.note_time(placement.step, ctx.timestep)  # real-time predictions (reconstruction/foca.py)
         compute = compute or not certain or not branch.cache.ready()
-        if self.branches_together:
-            runtime.steps.lead(placement, compute)
         self._decided(branch, placement, ctx, compute)
         if not certain and placement.doubt not in runtime.doubts:
             runtime.doubts.add(placement.doubt)
