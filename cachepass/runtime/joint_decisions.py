@@ -10,8 +10,9 @@ FLUX digits model at 28 steps, true CFG 4, digits 3 and 8: teacache threshold 0.
 A pipeline that batches CFG into one call decides once for both anyway.
 
 Only the policy's decision is shared, never data: a follower computes or reuses from its own cache, and
-still computes whenever its own cache is not ready or its placement is uncertain (the leader's such
-fallbacks are not passed on). A follower at a step its
+still computes whenever its own cache is not ready or its placement is uncertain. The leader's such
+fallbacks are not passed on, nor is the decision of a leader whose placement was uncertain (it
+restarted its branch): followers then decide alone. A follower at a step its
 leader has not decided (the first branch did not run this step) decides alone.
 """
 

@@ -152,7 +152,8 @@ class CachedProgram:
                           t if isinstance(t, float) else None, self.sync, placement.branch)
         compute = self.policy.decide(branch.policy_state, ctx, indicator)
         if self.branches_together:  # the policy's decision is shared, not a branch's own fallbacks below
-            runtime.steps.lead(placement, compute)
+            if placement.certain:  # an uncertain call restarted its branch: its decision is its own
+                runtime.steps.lead(placement, compute)
             compute = runtime.steps.follow(placement, compute)
         branch.cache.note_time(placement.step, ctx.timestep)  # real-time predictions (reconstruction/foca.py)
         compute = compute or not certain or not branch.cache.ready()
