@@ -100,26 +100,31 @@ def test_schedules_compute_the_last_step_when_the_step_count_is_known():
 FULL_STEPS = {"wan": 50, "flux": 28}
 
 
+def _first_generation(model, make_pipe, gen, options: dict):
+    """(the full output, the first generation's output, its stats) with ``options`` (inner eager)."""
+    torch.set_num_threads(1)
+    with torch.no_grad():
+        full = gen(make_pipe(model))
+    pipe = make_pipe(model)
+    pipe.transformer = torch.compile(model, backend="cachepass", options={**options, "inner": "eager"})
+    try:
+        with torch.no_grad():
+            first = gen(pipe)
+        return full, first, cachepass.stats(pipe.transformer)
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("name", ["wan", "flux"])
 def test_the_default_policy_holds_on_both_models_from_the_first_generation(name):
     """No options at all (issue 15's target for the default): at most 30 % of the block work and at least
     35 dB in the first generation, on the Wan video model (50 steps) and the FLUX image model (28 steps,
     counted from FluxPipeline's progress bar, so the last step computes). Measured (digit 3): Wan 14/50 per
-    branch at 47.7 dB, FLUX 8/28 at 42.1 dB (7/28 at 36.7 dB before the count was known). TeaCache, the old default, reached 21 dB on FLUX at 23-32 % of the steps: its coefficients
-    were fitted on Wan."""
+    branch at 47.7 dB, FLUX 8/28 at 42.1 dB (7/28 at 36.7 dB before the count was known). TeaCache, the
+    old default, reached 21 dB on FLUX at 23-32 % of the steps: its coefficients were fitted on Wan."""
     steps = FULL_STEPS[name]
     model, make_pipe, gen = _wan(steps) if name == "wan" else _flux(steps)
-    torch.set_num_threads(1)
-    with torch.no_grad():
-        full = gen(make_pipe(model))
-    pipe = make_pipe(model)
-    pipe.transformer = torch.compile(model, backend="cachepass", options={"inner": "eager"})
-    try:
-        with torch.no_grad():
-            first = gen(pipe)
-        stats = cachepass.stats(pipe.transformer)
-    finally:
-        torch._dynamo.reset()
+    full, first, stats = _first_generation(model, make_pipe, gen, {})
     assert stats.policy == "taylorseer"
     computed = [len(b.computed_steps) for b in stats.branches]
     assert len(computed) == 2 and all(c <= 0.3 * steps for c in computed), computed
@@ -134,18 +139,7 @@ def test_a_fifth_of_the_block_work_stays_above_40_db_from_the_first_generation(n
     step-count option (WanPipeline states it; FluxPipeline's comes from its progress bar). Measured
     (digit 3): Wan 41.3 dB, FLUX 43.7 dB."""
     model, make_pipe, gen = _wan(50) if name == "wan" else _flux(50)
-    torch.set_num_threads(1)
-    with torch.no_grad():
-        full = gen(make_pipe(model))
-    pipe = make_pipe(model)
-    pipe.transformer = torch.compile(model, backend="cachepass", options={"policy": "taylorseer", "interval": 6,
-                                                                          "inner": "eager"})
-    try:
-        with torch.no_grad():
-            first = gen(pipe)
-        stats = cachepass.stats(pipe.transformer)
-    finally:
-        torch._dynamo.reset()
+    full, first, stats = _first_generation(model, make_pipe, gen, {"policy": "taylorseer", "interval": 6})
     computed = [b.computed_steps for b in stats.branches]
     assert len(computed) == 2 and all(len(c) <= 10 and c[-1] == 49 for c in computed), computed
     print(name, [len(c) for c in computed], round(psnr(first, full), 2))
@@ -160,21 +154,11 @@ def test_cfg_branches_decide_together_unless_told_apart(policy, threshold, gain)
     its own cache. Measured (digit 3, 28 steps): teacache 0.2 apart 7 / 5 steps at 24.2 dB, together
     7 / 7 at 26.2 dB; fbcache 0.2 apart 11 / 11 (other steps) at 31.3 dB, together at 37.2 dB."""
     model, make_pipe, gen = _flux(28)
-    torch.set_num_threads(1)
-    with torch.no_grad():
-        full = gen(make_pipe(model))
     results = {}
     for branches in ("apart", "together"):
-        pipe = make_pipe(model)
-        pipe.transformer = torch.compile(model, backend="cachepass", options={
-            "policy": policy, "threshold": threshold, "branches": branches, "inner": "eager"})
-        try:
-            with torch.no_grad():
-                out = gen(pipe)
-            results[branches] = ([b.computed_steps for b in cachepass.stats(pipe.transformer).branches],
-                                 psnr(out, full))
-        finally:
-            torch._dynamo.reset()
+        full, out, stats = _first_generation(model, make_pipe, gen,
+                                             {"policy": policy, "threshold": threshold, "branches": branches})
+        results[branches] = ([b.computed_steps for b in stats.branches], psnr(out, full))
     print(policy, {k: ([len(c) for c in v[0]], round(v[1], 2)) for k, v in results.items()})
     (cond, uncond), apart_db = results["apart"]
     assert cond != uncond
