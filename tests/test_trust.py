@@ -315,6 +315,7 @@ def test_a_pipeline_that_states_no_step_count_still_ends_its_first_generation_we
     assert [s.computed_steps for s in cachepass.stats(pipe.transformer).branches] == [[0, 4, 6], [0, 4, 6]]
     with pipe.transformer.cache_context("cond"):  # after the pipeline call, no count is left over
         assert signals.current_signal(pipe.transformer._orig_mod).num_steps is None
+        assert signals.loop_steps(pipe.transformer._orig_mod) is None
 
 
 

@@ -91,7 +91,7 @@ def follow_first_branch(trajs: list[Trajectory], computed: list[list[int]]) -> l
             out.append(own)
             continue
         reach, steps = first
-        followed = {s for s in range(min(reach, traj.num_steps)) if s in steps}
+        followed = {s for s in steps if s < min(reach, traj.num_steps)}
         out.append(sorted(followed | {s for s in own if s >= reach} | {0}))
     return out
 

@@ -84,18 +84,17 @@ def _count(value) -> int | None:
     return int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
-def _as_signal(context, module=None) -> PipelineSignal | None:
+def _as_signal(context) -> PipelineSignal | None:
+    """What the ``cache_context`` states; a loop's progress-bar count reaches placement on its own
+    (:func:`loop_steps`, read per call by the programs)."""
     if context is None:
         return None
     name = getattr(context, "name", context)
     step = getattr(context, "step_index", None)
-    steps = _count(getattr(context, "num_inference_steps", None))
-    if steps is None and module is not None:
-        steps = loop_steps(module)
     return PipelineSignal(
         str(name),
         int(step) if isinstance(step, int) and not isinstance(step, bool) else None,
-        steps,
+        _count(getattr(context, "num_inference_steps", None)),
     )
 
 
@@ -120,7 +119,7 @@ def install() -> bool:
     def _set_cache_context(module, context):
         result = original(module, context)
         try:
-            _CONTEXTS[module] = _as_signal(context, module)
+            _CONTEXTS[module] = _as_signal(context)
         except TypeError:  # a module that cannot be weakly referenced: no signal for it
             pass
         return result
